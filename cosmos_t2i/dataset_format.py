@@ -1,0 +1,61 @@
+"""The on-disk dataset contract between prepare_dataset.py, embed_captions.py and train_text2image.py.
+
+DATASET_DIR/                 an imagefolder: images + metadata.jsonl (`file_name`, `text`)  <- prepare_dataset.py
+DATASET_DIR/embedded/        a `datasets` dataset (save_to_disk)                             <- embed_captions.py
+    image        the image (datasets.Image)
+    text         the caption
+    t5_xxl       float16 [n_tokens, D]: the trimmed T5 embedding (see text_encoding.py)
+    and, with --cache_latents:
+    latents      float16 bytes of the normalized VAE posterior mean, shape `latents_shape` [C, 1, h, w]
+    latents_shape
+    bucket       the aspect-ratio key ("16:9", "1:1", ...) whose resolution the latents were computed at
+DATASET_DIR/embedded/cosmos_t2i.json   how it was made: text encoder, embedding dim, resolutions of the buckets
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+EMBEDDED_SUBDIR = "embedded"
+INFO_FILE = "cosmos_t2i.json"
+TEXT_COLUMN = "text"
+IMAGE_COLUMN = "image"
+T5_COLUMN = "t5_xxl"
+LATENTS_COLUMN = "latents"
+LATENTS_SHAPE_COLUMN = "latents_shape"
+BUCKET_COLUMN = "bucket"
+
+
+def embedded_dir(dataset_dir: str | Path) -> Path:
+    """Accept either DATASET_DIR or DATASET_DIR/embedded itself."""
+    dataset_dir = Path(dataset_dir)
+    if (dataset_dir / INFO_FILE).is_file():
+        return dataset_dir
+    return dataset_dir / EMBEDDED_SUBDIR
+
+
+def read_info(dataset_dir: str | Path) -> dict:
+    return json.loads((embedded_dir(dataset_dir) / INFO_FILE).read_text())
+
+
+def load_embedded_dataset(dataset_dir: str | Path):
+    """Load the dataset training reads, with errors that say which command to run when it is not there."""
+    import datasets
+
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.exists():
+        raise FileNotFoundError(
+            f"Dataset folder {dataset_dir} does not exist. Make one with "
+            f"`python prepare_dataset.py --input_dataset_dir YOUR_VIDEOS --output_dataset_dir {dataset_dir}`."
+        )
+    path = embedded_dir(dataset_dir)
+    if not (path / INFO_FILE).is_file():
+        raise FileNotFoundError(
+            f"{dataset_dir} has no T5 embeddings ({path / INFO_FILE} is missing). Run "
+            f"`python embed_captions.py --dataset_dir {dataset_dir} --model MODEL` first."
+        )
+    dataset = datasets.load_from_disk(str(path))
+    if T5_COLUMN not in dataset.column_names:
+        raise ValueError(f"{path} has no {T5_COLUMN!r} column; re-run embed_captions.py on {dataset_dir}.")
+    return dataset

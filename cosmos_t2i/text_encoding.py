@@ -1,0 +1,33 @@
+"""T5 caption embeddings exactly as NVIDIA's Cosmos-Predict2 computes them.
+
+Tokenize padded to 512 with truncation, run the encoder with the attention mask, zero every position at or past
+the real length (which counts `</s>`), keep the first `length` rows. Training zero-pads back to [512, D].
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_LENGTH = 512
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], max_length: int = MAX_LENGTH) -> list[torch.Tensor]:
+    """One [n_i, D] tensor per caption (n_i = its token count with `</s>`), in the encoder's dtype, on its device."""
+    device = text_encoder.device
+    tokens = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    input_ids = tokens.input_ids.to(device)
+    attention_mask = tokens.attention_mask.to(device)
+    hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    lengths = attention_mask.sum(dim=1).tolist()
+    return [hidden[i, :n] for i, n in enumerate(lengths)]
+
+
+def pad_embedding(embedding: torch.Tensor, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """[n, D] -> [max_length, D], zeros past n: what the transformer sees during NVIDIA's training."""
+    n, dim = embedding.shape
+    if n > max_length:
+        raise ValueError(f"T5 embedding has {n} tokens, more than max_length={max_length}.")
+    padded = embedding.new_zeros(max_length, dim)
+    padded[:n] = embedding
+    return padded
