@@ -1,0 +1,128 @@
+"""Sampling time per image: the stock pipeline call against our fast path, in one run, on one GPU.
+
+Random-initialised transformer of the real 2B/14B config and a random Wan 2.1 VAE (default config), bf16,
+35 steps with CFG (guidance 4), VAE decode included, T5 excluded (random prompt embeddings, zero negative as
+NVIDIA). Every variant starts from the same noise; its latents are compared with the stock pipeline's.
+
+    python benchmarks/bench_infer.py --model 2B --out results/infer_2b.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, device_name, forward_flops_per_sample, free_memory, peak_gib, reset_peak_memory, write_table  # noqa: E402
+from cosmos_t2i import speed  # noqa: E402
+from cosmos_t2i.pipeline import NoGuardrail  # noqa: E402
+from cosmos_t2i.presets import PRESETS  # noqa: E402
+from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    stock: bool = False  # the unmodified Cosmos2TextToImagePipeline.__call__
+    batched_cfg: bool = False
+    compile: bool = False
+    attention: str = "sdpa"
+
+
+VARIANTS = [
+    Variant("plain: stock pipeline (eager, SDPA, CFG as 2 calls)", stock=True),
+    Variant("batched CFG", batched_cfg=True),
+    Variant("batched CFG + compiled blocks", batched_cfg=True, compile=True),
+    Variant("batched CFG + compiled + cuDNN attn", batched_cfg=True, compile=True, attention="cudnn"),
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="2B", choices=["2B", "14B", "tiny"])
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1360)
+    parser.add_argument("--num_steps", type=int, default=35)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--runs", type=int, default=2, help="Timed images per variant.")
+    parser.add_argument("--variants", default=None, help="Comma-separated indices of the variants to run.")
+    parser.add_argument("--peak_tflops", type=float, default=800.0)
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
+    parser.add_argument("--out", default=None)
+    return parser.parse_args(argv)
+
+
+def build_pipeline(model: str, device):
+    from diffusers import (AutoencoderKLWan, Cosmos2TextToImagePipeline, CosmosTransformer3DModel,
+                           FlowMatchEulerDiscreteScheduler)
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = CosmosTransformer3DModel(**PRESETS[model].transformer_config).to(torch.bfloat16)
+        vae = AutoencoderKLWan().to(torch.bfloat16)  # the default config is Wan 2.1's
+    return Cosmos2TextToImagePipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer.eval(), vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=NoGuardrail(),
+    )
+
+
+def generate(pipe, variant: Variant, args, prompt, negative, num_steps: int):
+    generator = torch.Generator(pipe._execution_device).manual_seed(0)
+    kwargs = dict(height=args.height, width=args.width, num_inference_steps=num_steps, guidance_scale=args.guidance)
+    if variant.stock:
+        latents = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, generator=generator,
+                       output_type="latent", **kwargs).images.unsqueeze(2)
+    else:
+        latents = sample_latents(pipe, prompt, negative, generator=generator, batched_cfg=variant.batched_cfg,
+                                 **kwargs)
+    decode_images(pipe, latents)  # the stock path decodes the same way; kept out of its call to return latents
+    return latents
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    variants = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
+    config = PRESETS[args.model].transformer_config
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randn(1, 512, config["text_embed_dim"], generator=gen).to(device, torch.bfloat16)
+    negative = torch.zeros_like(prompt)
+    flops_per_image = 2 * args.num_steps * forward_flops_per_sample(config, args.height, args.width)
+    rows, reference = [], None
+    for variant in variants:
+        print(f"--- {variant}", flush=True)
+        pipe = build_pipeline(args.model, device)
+        pipe.set_progress_bar_config(disable=True)
+        speed.set_attention_backend(pipe.transformer, variant.attention)
+        if variant.compile:
+            speed.compile_transformer_blocks(pipe.transformer)
+        generate(pipe, variant, args, prompt, negative, num_steps=2)  # warm-up: compilation, cuDNN plans
+        reset_peak_memory()
+        with Timer() as timer:
+            for _ in range(args.runs):
+                latents = generate(pipe, variant, args, prompt, negative, args.num_steps)
+        seconds = timer.seconds / args.runs
+        reference = latents if reference is None else reference
+        rel_err = ((latents - reference).norm() / reference.norm()).item()
+        rows.append(dict(
+            variant=variant.name, s_per_image=seconds, tflops=flops_per_image / seconds / 1e12,
+            mfu=f"{100 * flops_per_image / seconds / 1e12 / args.peak_tflops:.1f}%",
+            peak_gib=peak_gib(), latent_rel_err_vs_plain=f"{rel_err:.1e}",
+        ))
+        print(rows[-1], flush=True)
+        del pipe, latents
+        free_memory()
+    for row in rows:
+        row["speedup"] = f"{rows[0]['s_per_image'] / row['s_per_image']:.2f}x"
+    header = (f"### {args.model} sampling, {args.width}x{args.height}, {args.num_steps} steps, CFG {args.guidance}, "
+              f"VAE decode included, {device_name()}, torch {torch.__version__}")
+    columns = ["variant", "s_per_image", "speedup", "tflops", "mfu", "peak_gib", "latent_rel_err_vs_plain"]
+    write_table(rows, columns, header, args.out)
+
+
+if __name__ == "__main__":
+    main()

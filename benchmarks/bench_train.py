@@ -1,0 +1,170 @@
+"""Training throughput: the plain diffusers path against our fast path, in one run, on one GPU.
+
+Random-initialised transformers of the real 2B/14B configs (no download), NVIDIA's objective and optimizer, bf16
+compute with fp32 master weights (full fine-tune) or a frozen bf16 base with fp32 adapters (LoRA). Each variant
+starts from the same seeded weights and inputs, so its first loss must match the plain path's within bf16 noise.
+
+    python benchmarks/bench_train.py --model 2B --out results/train_2b.md
+    python benchmarks/bench_train.py --model 14B --lora --out results/train_14b_lora.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import Timer, device_name, free_memory, peak_gib, reset_peak_memory, train_flops_per_sample, write_table  # noqa: E402
+from cosmos_t2i import speed  # noqa: E402
+from cosmos_t2i.objective import diffusion_loss  # noqa: E402
+from cosmos_t2i.presets import PRESETS  # noqa: E402
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    batch_size: int
+    compile: bool = False
+    attention: str = "sdpa"
+    fused_adamw: bool = False
+    checkpoint_fraction: float = 0.0  # share of blocks with activation checkpointing
+
+
+FULL_VARIANTS = [
+    Variant("plain (eager, SDPA, foreach AdamW)", 2),
+    Variant("compiled blocks", 2, compile=True),
+    Variant("compiled + fused AdamW", 2, compile=True, fused_adamw=True),
+    Variant("compiled + fused AdamW + cuDNN attn", 2, compile=True, fused_adamw=True, attention="cudnn"),
+    Variant("compiled + fused + cuDNN, batch 3, ckpt 1/4", 3, True, "cudnn", True, 0.25),
+    Variant("compiled + fused + cuDNN, batch 4, ckpt 1/2", 4, True, "cudnn", True, 0.5),
+]
+LORA_VARIANTS = [
+    Variant("plain (eager, SDPA, peft, full ckpt)", 1, checkpoint_fraction=1.0),
+    Variant("compiled, full ckpt", 1, compile=True, checkpoint_fraction=1.0),
+    Variant("compiled + cuDNN, full ckpt", 1, compile=True, attention="cudnn", checkpoint_fraction=1.0),
+    Variant("compiled + cuDNN, ckpt 1/2", 1, compile=True, attention="cudnn", checkpoint_fraction=0.5),
+    Variant("compiled + cuDNN, ckpt 1/4", 1, compile=True, attention="cudnn", checkpoint_fraction=0.25),
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="2B", choices=["2B", "14B", "tiny"])
+    parser.add_argument("--lora", action="store_true", help="LoRA r16 on a frozen bf16 base instead of full FT.")
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--width", type=int, default=1360)
+    parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
+    parser.add_argument("--variants", default=None, help="Comma-separated indices of the variants to run.")
+    parser.add_argument("--peak_tflops", type=float, default=800.0, help="Measured bf16 matmul rate for MFU.")
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
+    parser.add_argument("--out", default=None, help="Write the markdown table here (and the rows as .json).")
+    return parser.parse_args(argv)
+
+
+def build_transformer(model: str, lora: bool, device):
+    from diffusers import CosmosTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = CosmosTransformer3DModel(**PRESETS[model].transformer_config)
+    if not lora:
+        return transformer, [p for p in transformer.parameters()]
+    from cosmos_t2i.lora import lora_config
+
+    transformer.to(torch.bfloat16).requires_grad_(False)
+    transformer.add_adapter(lora_config(rank=16, alpha=16))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 adapter master weights; autocast does the bf16 compute
+    return transformer, params
+
+
+def run_variant(args, variant: Variant, device) -> dict:
+    transformer, params = build_transformer(args.model, args.lora, device)
+    transformer.train()
+    speed.set_attention_backend(transformer, variant.attention)
+    recompute = 0.0
+    if variant.checkpoint_fraction:
+        recompute = speed.checkpoint_blocks(transformer, variant.checkpoint_fraction) / len(
+            transformer.transformer_blocks
+        )
+    if variant.compile:
+        speed.compile_transformer_blocks(transformer)
+    optimizer = torch.optim.AdamW(
+        params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+        fused=variant.fused_adamw, foreach=None if variant.fused_adamw else True,
+    )
+    config = PRESETS[args.model].transformer_config
+    generator = torch.Generator(device).manual_seed(1)
+    shape = (variant.batch_size, 16, 1, args.height // 8, args.width // 8)
+    x0 = torch.randn(shape, device=device, generator=generator)
+    text_dtype = torch.bfloat16 if args.lora else torch.float32
+    text = torch.randn(variant.batch_size, 512, config["text_embed_dim"], device=device, generator=generator)
+    text = text.to(text_dtype)
+
+    def step(seed: int) -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = diffusion_loss(transformer, x0, text, generator=torch.Generator(device).manual_seed(seed))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    reset_peak_memory()
+    first_loss = step(0).item()  # same weights, inputs and noise in every variant
+    for i in range(args.warmup - 1):
+        step(i + 1)
+    with Timer() as timer:
+        for i in range(args.steps):
+            step(100 + i)
+    samples_per_s = args.steps * variant.batch_size / timer.seconds
+    flops = train_flops_per_sample(config, args.height, args.width, args.lora, recompute)
+    tflops = samples_per_s * flops / 1e12
+    row = dict(
+        variant=variant.name, batch=variant.batch_size, samples_per_s=samples_per_s,
+        step_ms=1000 * timer.seconds / args.steps, tflops=tflops, mfu=f"{100 * tflops / args.peak_tflops:.1f}%",
+        peak_gib=peak_gib(), first_loss=first_loss,
+    )
+    del transformer, params, optimizer, x0, text
+    free_memory()
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    variants = LORA_VARIANTS if args.lora else FULL_VARIANTS
+    if args.variants:
+        variants = [variants[int(i)] for i in args.variants.split(",")]
+    rows = []
+    for variant in variants:
+        print(f"--- {variant}", flush=True)
+        try:
+            rows.append(run_variant(args, variant, device))
+        except torch.OutOfMemoryError:
+            rows.append(dict(variant=variant.name, batch=variant.batch_size, samples_per_s="OOM"))
+            free_memory()
+        print(rows[-1], flush=True)
+    plain = rows[0]
+    for row in rows:
+        if isinstance(row.get("samples_per_s"), float) and isinstance(plain.get("samples_per_s"), float):
+            row["speedup"] = f"{row['samples_per_s'] / plain['samples_per_s']:.2f}x"
+            row["loss_vs_plain"] = f"{abs(row['first_loss'] - plain['first_loss']) / abs(plain['first_loss']):.1e}"
+    kind = "LoRA r16" if args.lora else "full fine-tune"
+    header = (
+        f"### {args.model} {kind}, {args.width}x{args.height}, {device_name()}, "
+        f"torch {torch.__version__}"
+    )
+    columns = ["variant", "batch", "samples_per_s", "speedup", "step_ms", "tflops", "mfu", "peak_gib",
+               "first_loss", "loss_vs_plain"]
+    write_table(rows, columns, header, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""What the benchmarks share: model FLOPs, timing on the GPU, and the results table.
+
+FLOPs are counted analytically from the transformer config (matmuls only: what tensor cores do), so MFU is
+comparable across paths: a faster path does the same FLOPs in less time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+TEXT_TOKENS = 512
+
+
+def forward_flops_per_sample(config: dict, height: int, width: int) -> float:
+    """Matmul FLOPs of one transformer forward on one image of height x width pixels (Wan VAE: 8x down)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    p = config["patch_size"]
+    tokens = (height // 8 // p[1]) * (width // 8 // p[2])
+    mlp = int(d * config["mlp_ratio"])
+    per_token_linear = 4 * d * d + 2 * d * d + 2 * d * mlp  # self-attn qkvo, cross-attn q+o, MLP
+    text_kv = 2 * TEXT_TOKENS * config["text_embed_dim"] * d  # cross-attn k, v on the 512 text tokens
+    attention = 2 * tokens * tokens * d + 2 * tokens * TEXT_TOKENS * d  # QK^T and AV, self + cross
+    per_block = 2 * (tokens * per_token_linear + text_kv + attention)
+    return config["num_layers"] * per_block
+
+
+def train_flops_per_sample(config: dict, height: int, width: int, lora: bool, recompute: float = 0.0) -> float:
+    """Forward + backward (+ the share of the forward recomputed by activation checkpointing).
+
+    Full fine-tune backward = 2x forward (input and weight grads); with frozen base weights (LoRA) the weight
+    grads are skipped, so backward ~ 1x forward (the adapters' own FLOPs are negligible).
+    """
+    forward = forward_flops_per_sample(config, height, width)
+    return forward * ((2.0 if lora else 3.0) + recompute)
+
+
+class Timer:
+    """Wall time of a region, synchronised with the GPU at both ends (a CPU run is only a smoke test)."""
+
+    def __enter__(self):
+        _sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test, not a measurement)"
+
+
+def free_memory():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_table(rows: list[dict], columns: list[str], header: str, path: str | None) -> str:
+    """A markdown table of `rows`, printed and (with `path`) written with the raw rows as JSON beside it."""
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table, flush=True)
+    if path:
+        with open(path, "w") as f:
+            f.write(table)
+        with open(path.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=2)
+    return table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,90 @@
+"""The sampler of `Cosmos2TextToImagePipeline`, with classifier-free guidance run as one batch.
+
+The stock pipeline calls the transformer twice per step (conditional, then unconditional). Running both as one
+batch of 2B halves the kernel launches and fills the GPU better; nothing else changes: same Karras sigmas
+(80 -> 0.002, last sigma replaced by sigma_min), same preconditioning, same x0 = c + g (c - u) guidance, same
+Euler step, same decode and guardrail. With `batched_cfg=False` this reproduces the pipeline bit for bit
+(tests/test_sampling.py); batched, it differs only by bf16 rounding in the batched matmuls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import retrieve_timesteps
+
+
+def _x0(pipe, latents, model_input, timestep, c_skip, c_out, embeds, padding_mask):
+    out = pipe.transformer(
+        hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
+        padding_mask=padding_mask, return_dict=False,
+    )[0]
+    return (c_skip * latents.repeat(out.shape[0] // latents.shape[0], 1, 1, 1, 1) + c_out * out.float())
+
+
+@torch.no_grad()
+def sample_latents(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    height: int,
+    width: int,
+    num_inference_steps: int = 35,
+    guidance_scale: float = 4.0,
+    generator: torch.Generator | None = None,
+    batched_cfg: bool = True,
+) -> torch.Tensor:
+    """Denoised normalized latents [B, C, 1, H/8, W/8] (float32) for padded prompt embeddings [B, 512, D]."""
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    use_cfg = guidance_scale > 1.0
+    batch_size = prompt_embeds.shape[0]
+    prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+    if use_cfg:
+        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        both_embeds = torch.cat([prompt_embeds, negative_prompt_embeds])
+
+    sigmas = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, device=device, sigmas=sigmas)
+    if pipe.scheduler.config.get("final_sigmas_type", "zero") == "sigma_min":
+        pipe.scheduler.sigmas[-1] = pipe.scheduler.sigmas[-2]
+    latents = pipe.prepare_latents(
+        batch_size, pipe.transformer.config.in_channels, height, width, 1, torch.float32, device, generator
+    )
+    padding_mask = latents.new_zeros(1, 1, height, width, dtype=dtype)
+
+    for i, t in enumerate(pipe.progress_bar(timesteps)):
+        sigma = pipe.scheduler.sigmas[i]
+        current_t = sigma / (sigma + 1)
+        c_skip, c_out = 1 - current_t, -current_t
+        model_input = (latents * (1 - current_t)).to(dtype)
+        timestep = current_t.expand(batch_size).to(dtype)
+        if use_cfg and batched_cfg:
+            x0 = _x0(pipe, latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), c_skip, c_out,
+                     both_embeds, padding_mask).to(dtype)
+            cond, uncond = x0.chunk(2)
+        else:
+            cond = _x0(pipe, latents, model_input, timestep, c_skip, c_out, prompt_embeds, padding_mask).to(dtype)
+            if use_cfg:
+                uncond = _x0(pipe, latents, model_input, timestep, c_skip, c_out, negative_prompt_embeds,
+                             padding_mask).to(dtype)
+        x0 = cond + guidance_scale * (cond - uncond) if use_cfg else cond
+        latents = pipe.scheduler.step((latents - x0) / sigma, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def decode_images(pipe, latents: torch.Tensor, output_type: str = "pil"):
+    """Normalized latents -> images, through the pipeline's VAE, guardrail video check and post-processing."""
+    vae = pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+    raw = latents * std / pipe.scheduler.config.sigma_data + mean
+    video = vae.decode(raw.to(vae.dtype), return_dict=False)[0]
+    checker = pipe.safety_checker
+    checker.to(pipe._execution_device)
+    frames = (pipe.video_processor.postprocess_video(video, output_type="np") * 255).astype(np.uint8)
+    frames = np.stack([checker.check_video_safety(v) for v in frames]).astype(np.float32) / 255.0 * 2 - 1
+    checker.to("cpu")
+    video = pipe.video_processor.postprocess_video(torch.from_numpy(frames).permute(0, 4, 1, 2, 3), output_type)
+    return [frames_of_one[0] for frames_of_one in video]
