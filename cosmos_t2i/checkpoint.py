@@ -1,0 +1,181 @@
+"""Training checkpoints in NVIDIA's layout (DESIGN section 5), written atomically, resumed exactly.
+
+    OUTPUT_DIR/checkpoints/iter_000000500/
+        model/      diffusers transformer folder (full FT) or pytorch_lora_weights.safetensors (LoRA); EMA in ema/
+        optim/      optimizer state: one file, or sharded per rank under FSDP/DeepSpeed
+        scheduler/  lr scheduler state
+        trainer/    state.json (iteration, data position), config.json (the run's flags), rng_<rank>.pt
+    OUTPUT_DIR/checkpoints/latest_checkpoint.txt   "iter_000000500"
+
+A checkpoint is written under a hidden name and renamed into place once complete; only then does
+latest_checkpoint.txt (itself replaced atomically) name it. A crash mid-save leaves the previous one in charge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest_checkpoint.txt"
+MODEL, OPTIM, SCHEDULER, TRAINER = "model", "optim", "scheduler", "trainer"
+EMA = "ema"
+CONFIG = "config.json"
+STATE = "state.json"
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:09d}"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The iter dir latest_checkpoint.txt names, or None when there is none yet."""
+    root = checkpoints_dir(output_dir)
+    if not (root / LATEST).is_file():
+        return None
+    path = root / (root / LATEST).read_text().strip()
+    if not (path / TRAINER / STATE).is_file():
+        raise FileNotFoundError(f"{root / LATEST} names {path.name}, which is missing or incomplete.")
+    return path
+
+
+def read_config(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / TRAINER / CONFIG).read_text())
+
+
+def read_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / TRAINER / STATE).read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, output_dir, iteration: int, *, save_model, model, optimizer, scheduler,
+                    state: dict, config: dict, total_limit: int | None = None) -> Path:
+    """Write checkpoint `iteration`; every process calls this. `save_model(directory)` writes model/."""
+    root = checkpoints_dir(output_dir)
+    final = root / iter_name(iteration)
+    staging = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    save_model(staging / MODEL)
+    _save_optimizer(accelerator, model, optimizer, staging / OPTIM)
+    (staging / TRAINER).mkdir(exist_ok=True)
+    torch.save(_rng_state(), staging / TRAINER / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        (staging / SCHEDULER).mkdir()
+        torch.save(scheduler.state_dict(), staging / SCHEDULER / "scheduler.pt")
+        (staging / TRAINER / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (staging / TRAINER / STATE).write_text(json.dumps(dict(state, iteration=iteration), indent=2))
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        if final.exists():  # the same iteration saved again (a rerun of a finished job)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _write_atomic(root / LATEST, final.name + "\n")
+        if total_limit:
+            _prune(root, keep=total_limit, current=final.name)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep: int, current: str) -> None:
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    for old in complete[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(accelerator, checkpoint: str | Path, *, model, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and this process's RNG from `checkpoint`; return its trainer state.
+
+    The model weights and EMA are read by the caller (they are needed before the model is prepared)."""
+    checkpoint = Path(checkpoint)
+    _load_optimizer(accelerator, model, optimizer, checkpoint / OPTIM)
+    scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(checkpoint / TRAINER / f"rng_{accelerator.process_index}.pt", weights_only=False))
+    return read_state(checkpoint)
+
+
+# Optimizer state. Without sharding the main process writes one file; FSDP writes a sharded
+# torch.distributed.checkpoint folder through accelerate, and DeepSpeed its own per-rank shards: no rank ever
+# gathers the whole optimizer.
+
+def _save_optimizer(accelerator, model, optimizer, directory: Path) -> None:
+    from accelerate.utils import DistributedType, save_fsdp_optimizer
+
+    directory.mkdir(exist_ok=True)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(directory))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.save_checkpoint(str(directory), tag="deepspeed", exclude_frozen_parameters=True)
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def _load_optimizer(accelerator, model, optimizer, directory: Path) -> None:
+    from accelerate.utils import DistributedType, load_fsdp_optimizer
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(directory))
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(directory), tag="deepspeed", load_module_strict=False,
+                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# Weights of a full fine-tune: a diffusers folder written from a state dict, because under FSDP the live module
+# holds shards and only the gathered state dict is whole.
+
+def save_transformer(directory: str | Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """`transformer`'s config and `state_dict` as a folder CosmosTransformer3DModel.from_pretrained loads."""
+    from huggingface_hub import save_torch_state_dict
+
+    transformer.save_config(directory)
+    save_torch_state_dict(state_dict, directory, filename_pattern=TRANSFORMER_WEIGHTS, max_shard_size="10GB")
+
+
+def read_transformer_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(Path(directory).glob("diffusion_pytorch_model*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors

@@ -1,0 +1,77 @@
+"""NVIDIA's power EMA (Karras et al., EDM2): an fp32 copy of the trained weights, averaged with a decay that grows.
+
+    beta(it) = (1 - 1/(it + 1)) ** (gamma + 1)          ema = beta * ema + (1 - beta) * weights
+
+`it` is the 0-based index of the optimizer step just taken, so the first update copies the weights (beta(0) = 0).
+gamma comes from the relative width s of the averaging profile (NVIDIA: s = 0.1, gamma ~ 6.94) as the largest real
+root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0.
+
+Only the trainable parameters are tracked: the whole transformer for a full fine-tune, the adapters for LoRA. Under
+FSDP the parameters are DTensor shards and so is their EMA: each rank averages its own shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NVIDIA_SIGMA_REL = 0.1
+
+
+def gamma_from_sigma_rel(sigma_rel: float) -> float:
+    t = sigma_rel**-2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
+
+
+class PowerEMA:
+    def __init__(self, named_parameters, sigma_rel: float = NVIDIA_SIGMA_REL):
+        self.gamma = gamma_from_sigma_rel(sigma_rel)
+        self.params = {name: p for name, p in named_parameters if p.requires_grad}
+        self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
+
+    def beta(self, iteration: int) -> float:
+        return (1.0 - 1.0 / (iteration + 1)) ** (self.gamma + 1)
+
+    @torch.no_grad()
+    def update(self, iteration: int) -> None:
+        beta = self.beta(iteration)
+        shadow = list(self.shadow.values())
+        torch._foreach_mul_(shadow, beta)
+        torch._foreach_add_(shadow, [p.detach().float() for p in self.params.values()], alpha=1.0 - beta)
+
+    def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 CPU tensors where `keep` (the main process); every process must call this."""
+        return gather_full(self.shadow, keep)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        missing = self.shadow.keys() - state_dict.keys()
+        if missing:
+            raise KeyError(f"EMA checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        for name, t in self.shadow.items():
+            t.copy_(shard_like(state_dict[name], t))
+
+
+def gather_full(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of possibly sharded (DTensor) tensors, kept only where `keep`.
+
+    Each tensor is gathered on its own (one collective per tensor, never the whole model at once), so under FSDP
+    every process must call this.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, t in tensors.items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = full.detach().cpu()
+    return out
+
+
+def shard_like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`full` (unsharded) laid out like `t`: its local shard when `t` is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(t, DTensor):
+        return distribute_tensor(full.to(t.device, t.dtype), t.device_mesh, t.placements)
+    return full.to(t.device, t.dtype)

@@ -1,0 +1,81 @@
+"""Validation images during training: the stock pipeline around the transformer being trained.
+
+The prompts are T5-encoded once, before training, and the encoder freed: training itself never holds T5. The
+pipeline (VAE decoder, scheduler) is built at the first validation and reused. Sampling follows NVIDIA's
+inference: padded prompt embedding, zero negative embedding, 35 steps, guidance 4 (each a flag).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .text_encoding import encode_captions, pad_embedding
+
+
+def encode_prompts(model_path: str, prompts: list[str], device, dtype) -> torch.Tensor:
+    """[P, 512, D] padded T5 embeddings of `prompts`, on the CPU; the encoder is gone when this returns."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+    text_encoder = T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype).to(device)
+    embeddings = encode_captions(tokenizer, text_encoder, prompts)
+    padded = torch.stack([pad_embedding(e) for e in embeddings]).cpu()
+    del text_encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return padded
+
+
+class Validator:
+    def __init__(self, model: str, prompts: list[str], prompt_embeds: torch.Tensor, size: tuple[int, int],
+                 num_inference_steps: int, guidance_scale: float, seed: int, output_dir: str | Path):
+        self.model = model
+        self.prompts = prompts
+        self.prompt_embeds = prompt_embeds
+        self.width, self.height = size
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.output_dir = Path(output_dir) / "validation"
+        self.pipe = None
+
+    @torch.no_grad()
+    def images(self, transformer, device, vae_dtype, text_dtype) -> list:
+        """One PIL image per prompt from `transformer` (the live, possibly sharded, module)."""
+        if self.pipe is None:
+            from .pipeline import load_pipeline
+
+            # NVIDIA's training samples its validation images without the guardrail; inference runs it.
+            self.pipe = load_pipeline(self.model, device, dtype=vae_dtype, transformer=transformer,
+                                      disable_guardrail=True, load_text_encoder=False)
+            self.pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt_embeds in enumerate(self.prompt_embeds):
+            prompt_embeds = prompt_embeds[None].to(device, text_dtype)
+            images += self.pipe(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=torch.zeros_like(prompt_embeds),
+                height=self.height, width=self.width, num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale, generator=torch.Generator(device).manual_seed(self.seed + i),
+            ).images
+        return images
+
+    def save(self, images, iteration: int, trackers) -> list[Path]:
+        """Write iter_<N>_<k>.jpg beside the checkpoints and log the images to TensorBoard or wandb."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for k, image in enumerate(images):
+            paths.append(self.output_dir / f"iter_{iteration:09d}_{k}.jpg")
+            image.save(paths[-1])
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), iteration,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, self.prompts)]},
+                            step=iteration)
+        return paths

@@ -1,0 +1,416 @@
+#!/usr/bin/env python
+"""Post-train NVIDIA Cosmos-Predict2 Text2Image (2B or 14B): full fine-tune or LoRA, with NVIDIA's recipe.
+
+    accelerate launch train_text2image.py --model 14B --lora --dataset_dir DATA \\
+        --output_dir checkpoints/posttraining/text2image/14b_lora_my_run
+
+DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
+model (cosmos_t2i/presets.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
+the same command resumes from the latest one. SIGTERM / Ctrl-C saves a checkpoint at the end of the step and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
+from tqdm.auto import tqdm
+
+from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i import hub, speed
+from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
+from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
+from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
+from cosmos_t2i.recipe import apply_defaults, config_differences, linear_decay
+from cosmos_t2i.trainable import build_transformer, load_ema, save_weights, transformer_config
+from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, make_dataloader
+from cosmos_t2i.vae_latents import encode_normalized
+from cosmos_t2i.validation import Validator, encode_prompts
+
+logger = logging.getLogger("train_text2image")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="2B", help="2B, 14B, tiny (CPU-sized, built locally), a diffusers "
+                       "Cosmos2TextToImagePipeline folder or hub id.")
+    model.add_argument("--lora", action="store_true", help="Train LoRA adapters instead of the whole transformer.")
+    model.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16, NVIDIA's). Needs --lora.")
+    model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default 16). Needs --lora.")
+    model.add_argument("--random_init", action="store_true", help="Random weights of the model's architecture "
+                       "instead of its trained ones: nothing to download for 2B/14B (benchmarks, tests).")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_dir", default=None, help="Made by prepare_dataset.py + embed_captions.py.")
+    data.add_argument("--synthetic_data", default=None, metavar="HEIGHTxWIDTH", help="Random latents and 512-token "
+                      "embeddings at this pixel resolution instead of a dataset, e.g. 768x1360. Needs --random_init.")
+    data.add_argument("--dataloader_num_workers", type=int, default=2)
+    data.add_argument("--text_dropout", type=float, default=TEXT_DROPOUT,
+                      help="Share of samples trained with a zero text embedding, for CFG (NVIDIA: 0.2).")
+
+    recipe = parser.add_argument_group("recipe (defaults: NVIDIA's for the model)")
+    recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run.")
+    recipe.add_argument("--save_iter", type=int, default=500, help="Save a checkpoint every this many steps.")
+    recipe.add_argument("--train_batch_size", type=int, default=1, help="Images per GPU per micro-step.")
+    recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    recipe.add_argument("--learning_rate", type=float, default=None, help=(
+        "Base lr; the step's lr is this x a factor falling linearly from --lr_start_factor to 0 over --max_iter. "
+        "Full fine-tune: NVIDIA's 2^-15 (2B) / 2^-14.5 (14B), factor 0.17 / 0.4: peak 5.19e-6 / 1.73e-5. "
+        "LoRA: 1e-4 at factor 1, because NVIDIA's full fine-tune lr barely moves adapters that start at B = 0."))
+    recipe.add_argument("--lr_start_factor", type=float, default=None,
+                        help="Schedule factor at step 0 (default 0.17 for 2B, 0.4 for 14B; 1 with --lora).")
+    recipe.add_argument("--weight_decay", type=float, default=None, help="AdamW decay (2B 0.1, 14B 0.2).")
+    recipe.add_argument("--adam_beta1", type=float, default=0.9)
+    recipe.add_argument("--adam_beta2", type=float, default=0.99)
+    recipe.add_argument("--adam_epsilon", type=float, default=1e-8)
+    recipe.add_argument("--max_grad_norm", type=float, default=1.0)
+    recipe.add_argument("--max_nonfinite_steps", type=int, default=10, help="Stop after this many steps in a row "
+                        "whose gradients were NaN/inf (each such step is skipped and reported).")
+    recipe.add_argument("--ema", dest="ema", action="store_true", default=True,
+                        help="Keep NVIDIA's power EMA of the trained weights (default).")
+    recipe.add_argument("--no_ema", dest="ema", action="store_false")
+    recipe.add_argument("--ema_sigma_rel", type=float, default=NVIDIA_SIGMA_REL)
+    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--mixed_precision", default="bf16", choices=["bf16", "no"],
+                        help="Compute dtype; master weights are fp32 either way.")
+
+    speed_group = parser.add_argument_group("speed (none of these changes the math)")
+    speed_group.add_argument("--gradient_checkpointing", type=float, nargs="?", const=1.0, default=0.0,
+                             metavar="FRACTION", help="Recompute activations of this share of the blocks "
+                             "(all when given alone): less memory, more compute.")
+    speed_group.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    speed_group.add_argument("--attention_backend", default="sdpa", choices=sorted(speed.ATTENTION_BACKENDS))
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", default=None,
+                     help="Default: checkpoints/posttraining/text2image/<model>_<full|lora>.")
+    out.add_argument("--resume_from_checkpoint", default="latest", help="'latest' (resume if OUTPUT_DIR has "
+                     "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the last N checkpoints.")
+    out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    out.add_argument("--tracker_project_name", default="cosmos-predict2-text2image")
+    out.add_argument("--validation_prompt", action="append", default=None,
+                     help="Sample this prompt every --validation_steps (repeat the flag for several).")
+    out.add_argument("--validation_steps", type=int, default=500)
+    out.add_argument("--validation_num_inference_steps", type=int, default=35)
+    out.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    out.add_argument("--validation_aspect_ratio", default="16:9", choices=sorted(ASPECT_RATIOS))
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the final model/ with a model card.")
+    out.add_argument("--hub_model_id", default=None)
+
+    args = parser.parse_args(argv)
+    if not args.lora and (args.rank is not None or args.lora_alpha is not None):
+        raise ValueError("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full fine-tune.")
+    if args.synthetic_data:
+        if not args.random_init:
+            raise ValueError("--synthetic_data trains on noise: only meaningful with --random_init (benchmarks).")
+        args.synthetic_data = _parse_size(args.synthetic_data)
+    elif args.dataset_dir is None:
+        raise ValueError("--dataset_dir is required (make one with prepare_dataset.py and embed_captions.py).")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
+    if args.output_dir is None:
+        args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{'lora' if args.lora else 'full'}"
+    return args
+
+
+def _parse_size(text: str) -> list[int]:
+    height, width = (int(v) for v in text.lower().split("x"))
+    if height % 16 or width % 16:
+        raise ValueError(f"--synthetic_data {text}: height and width must be multiples of 16.")
+    return [height, width]
+
+
+def main(args):
+    # Everything that can be wrong with the inputs is checked before any weights are loaded.
+    preset = preset_for(args.model)
+    model_path = resolve_model_path(args.model)
+    if preset is None and (args.learning_rate is None or args.weight_decay is None):
+        raise ValueError(f"{args.model} is not one of the presets (2B, 14B, tiny): pass --learning_rate and "
+                         "--weight_decay for it.")
+    if preset is not None:
+        apply_defaults(args, preset)
+    if args.lr_start_factor is None:
+        args.lr_start_factor = 1.0
+    output_dir = Path(args.output_dir)
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.ema and _zero3(accelerator):
+        raise ValueError("EMA under DeepSpeed ZeRO-3 is not supported (the parameters are partitioned): use the "
+                         "FSDP2 config, or --no_ema.")
+
+    config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,
+                                        world_size=accelerator.num_processes)))
+    resume = _checkpoint_to_resume(args, output_dir)
+    if resume is not None:
+        differing = config_differences(ckpt.read_config(resume), config)
+        if differing:
+            saved = ckpt.read_config(resume)
+            details = ", ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in differing)
+            raise ValueError(f"Cannot resume {resume}: its run used other settings ({details}). Pass the same flags, "
+                             "a new --output_dir, or --resume_from_checkpoint none.")
+    if args.push_to_hub:
+        hub.require_token()
+
+    arch = transformer_config(model_path, preset, args.random_init)
+    if args.synthetic_data:
+        data = SyntheticLatents(*args.synthetic_data, embedding_dim=arch["text_embed_dim"])
+    else:
+        data = EmbeddedImages(args.dataset_dir, preset.resolutions if preset else ASPECT_RATIOS)
+        if data.embedding_dim != arch["text_embed_dim"]:
+            raise ValueError(
+                f"{args.dataset_dir} holds {data.embedding_dim}-dimensional T5 embeddings (embedded with "
+                f"{data.info.get('model', 'an unknown model')}), but {args.model}'s transformer takes "
+                f"text_embed_dim={arch['text_embed_dim']}. Re-run embed_captions.py --model {args.model}."
+            )
+
+    device = accelerator.device
+    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    text_dtype = weight_dtype if args.lora else torch.float32  # the dtype of the weights that read it first
+    validator = None
+    if args.validation_prompt:
+        embeds = encode_prompts(model_path, args.validation_prompt, device, weight_dtype) \
+            if accelerator.is_main_process else None
+        embeds = broadcast_object_list([embeds])[0]
+        size = (preset.resolutions if preset else ASPECT_RATIOS)[args.validation_aspect_ratio]
+        validator = Validator(args.model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
+                              args.validation_guidance_scale, args.seed, output_dir)
+    vae = None
+    if not data.cached_latents:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=weight_dtype).to(device)
+        vae.requires_grad_(False).eval()
+
+    torch.manual_seed(args.seed)
+    transformer = build_transformer(model_path, arch, random_init=args.random_init, lora=args.lora,
+                                    rank=args.rank, alpha=args.lora_alpha, frozen_dtype=weight_dtype,
+                                    device=device, checkpoint=resume)
+    transformer.train()
+    speed.set_attention_backend(transformer, args.attention_backend)
+    if args.gradient_checkpointing:
+        speed.checkpoint_blocks(transformer, args.gradient_checkpointing)
+    if args.compile:
+        speed.compile_transformer_blocks(transformer)
+    optimizer = torch.optim.AdamW(
+        [p for p in transformer.parameters() if p.requires_grad], lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
+        fused=device.type == "cuda",
+    )
+    # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(args.max_iter, args.lr_start_factor))
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    trainable = [p for p in transformer.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
+    ema = PowerEMA(accelerator.unwrap_model(transformer).named_parameters(), args.ema_sigma_rel) if args.ema else None
+
+    iteration, position = 0, 0
+    if resume is not None:
+        state = ckpt.load_checkpoint(accelerator, resume, model=transformer, optimizer=optimizer, scheduler=scheduler)
+        iteration, position = state["iteration"], state["data_position"]
+        if ema is not None:
+            load_ema(ema, resume, args.lora)
+        logger.info("Resumed from %s (iteration %d)", resume, iteration)
+    batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
+                                   accelerator.process_index, position, args.dataloader_num_workers))
+
+    def save(iteration):
+        return ckpt.save_checkpoint(
+            accelerator, output_dir, iteration,
+            save_model=lambda directory: save_weights(accelerator, transformer, ema, args.lora, directory),
+            model=transformer, optimizer=optimizer, scheduler=scheduler,
+            state={"data_position": position}, config=config, total_limit=args.checkpoints_total_limit,
+        )
+
+    def validate(iteration):
+        # Sharded weights need every process in the forward pass; replicated ones only the main process.
+        if accelerator.is_main_process or _sharded(accelerator):
+            with accelerator.autocast():
+                images = validator.images(accelerator.unwrap_model(transformer), device, weight_dtype, text_dtype)
+            if accelerator.is_main_process:
+                validator.save(images, iteration, accelerator.trackers)
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
+        logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
+                    args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
+                    args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
+    nonfinite_in_a_row = 0
+    with StopOnSignal() as stop:
+        while iteration < args.max_iter:
+            start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                with accelerator.accumulate(transformer):
+                    if "latents" in batch:
+                        x0 = batch["latents"].to(device, torch.float32)
+                    else:
+                        x0 = encode_normalized(vae, batch["pixels"])
+                    text_embeds = batch["text_embeds"].to(device, text_dtype)
+                    generator = torch.Generator(device).manual_seed(_noise_seed(args.seed, accelerator, position))
+                    loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
+                    accelerator.backward(loss)
+                loss_sum += loss.detach()
+                position += 1
+
+            grad_norm = _global(accelerator.clip_grad_norm_(trainable, args.max_grad_norm))
+            if grad_norm is None or math.isfinite(grad_norm):
+                optimizer.step()
+                if ema is not None:
+                    ema.update(iteration)
+                nonfinite_in_a_row = 0
+            else:
+                # NVIDIA zeroes non-finite gradients silently; a run that produces them should be looked at.
+                nonfinite_in_a_row += 1
+                logger.warning("Iteration %d: gradient norm is %s; update skipped (%d in a row).",
+                               iteration, grad_norm, nonfinite_in_a_row)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RuntimeError(f"{nonfinite_in_a_row} steps in a row had non-finite gradients (last at "
+                                       f"iteration {iteration}). Lower --learning_rate or check the data.")
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            iteration += 1
+
+            loss_value = accelerator.reduce(loss_sum, "mean").item() / args.gradient_accumulation_steps
+            samples_per_s = samples_per_step / (time.perf_counter() - start)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", samples_s=f"{samples_per_s:.2f}")
+            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s},
+                            step=iteration)
+
+            stopping = stop.agreed(accelerator)
+            if iteration % args.save_iter == 0 or iteration == args.max_iter or stopping:
+                save(iteration)
+            if validator is not None and (iteration % args.validation_steps == 0 or iteration == args.max_iter):
+                validate(iteration)
+            if stopping:
+                logger.info("Stopped by signal at iteration %d; checkpoint saved.", iteration)
+                break
+    progress.close()
+
+    if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
+        _push(args, config, preset, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
+    accelerator.end_training()
+    return output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration)
+
+
+def _checkpoint_to_resume(args, output_dir: Path) -> Path | None:
+    if args.resume_from_checkpoint == "none":
+        return None
+    if args.resume_from_checkpoint == "latest":
+        return ckpt.latest_checkpoint(output_dir)
+    path = Path(args.resume_from_checkpoint)
+    if not (path / ckpt.TRAINER / ckpt.STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer/state.json).")
+    return path
+
+
+def _noise_seed(seed: int, accelerator, position: int) -> int:
+    """Noise of a micro-step as a function of (seed, rank, position): a resumed run draws the same noise."""
+    return int(np.random.SeedSequence([seed, accelerator.process_index, position]).generate_state(1)[0])
+
+
+def _global(norm) -> float | None:
+    """The total gradient norm as a float (None under DeepSpeed before its first step)."""
+    if norm is None:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def _zero3(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and \
+        accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def _sharded(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP or _zero3(accelerator)
+
+
+def _loggable(config: dict) -> dict:
+    """TensorBoard's hparams take only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
+
+
+class StopOnSignal:
+    """SIGTERM / SIGINT ask the run to stop: it finishes the current step, saves a checkpoint and exits cleanly.
+    A second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Received %s: stopping after this step.", signal.Signals(signum).name)
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop: all of them must save together."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, "max").item() > 0
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _push(args, config: dict, preset, data, checkpoint: Path) -> None:
+    """Upload the final model/ with a model card and the final validation images."""
+    images = sorted((Path(args.output_dir) / "validation").glob(f"{checkpoint.name}_*.jpg"))
+    card_images = [(f"images/{p.name}", prompt) for p, prompt in zip(images, args.validation_prompt or [])]
+    card = hub.model_card(
+        repo_id=args.hub_model_id, base_model=preset.hub_id if preset and preset.hub_id else args.model,
+        lora=args.lora, instance_prompt=data.instance_prompt(), recipe=recipe_summary(config), images=card_images,
+    )
+    folder = hub.prepare_upload(checkpoint / ckpt.MODEL, Path(args.output_dir) / "hub_upload", card,
+                                {name: path for (name, _), path in zip(card_images, images)})
+    logger.info("Uploaded %s to https://huggingface.co/%s", folder, hub.push(folder, args.hub_model_id))
+
+
+def recipe_summary(config: dict) -> dict:
+    """The run's settings worth a line in the model card."""
+    return {
+        "base model": config["model"],
+        "method": f"LoRA rank {config['rank']}, alpha {config['lora_alpha']}" if config["lora"] else "full fine-tune",
+        "steps": config["max_iter"],
+        "batch": f"{config['train_batch_size']} per GPU x {config['gradient_accumulation_steps']} accumulation x "
+                 f"{config['world_size']} GPUs",
+        "learning rate": f"{config['learning_rate'] * config['lr_start_factor']:.3g} peak, linear decay to 0",
+        "optimizer": f"AdamW, betas ({config['adam_beta1']}, {config['adam_beta2']}), eps {config['adam_epsilon']}, "
+                     f"weight decay {config['weight_decay']}, grad clip {config['max_grad_norm']}",
+        "EMA": f"power EMA, sigma_rel {config['ema_sigma_rel']}" if config["ema"] else "off",
+        "precision": f"{config['mixed_precision']} compute, fp32 master weights",
+        "text dropout (CFG)": config["text_dropout"],
+    }
+
+
+if __name__ == "__main__":
+    main(parse_args())
