@@ -1,4 +1,5 @@
-"""Loading `Cosmos2TextToImagePipeline` for sampling, with NVIDIA's guardrail policy.
+"""Loading `Cosmos2TextToImagePipeline` for sampling, with NVIDIA's guardrail policy, and the transformer a
+checkpoint holds (ours, full or EMA, or NVIDIA's .pt).
 
 diffusers' pipeline builds `cosmos_guardrail.CosmosSafetyChecker` when given none and refuses to run with
 `safety_checker=None`. NVIDIA's own text2image script runs the guardrail by default for its models and offers
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .checkpoint_paths import Checkpoint, check_same_architecture, model_transformer_config
 from .presets import preset_for, resolve_model_path
 
 
@@ -92,3 +94,59 @@ def load_pipeline(
     with explain_hub_errors(path):
         pipe = Cosmos2TextToImagePipeline.from_pretrained(path, dtype=dtype, **components)
     return pipe.to(device)
+
+
+def load_model_transformer(model: str, dtype: torch.dtype = torch.bfloat16):
+    """`--model`'s own transformer, without the rest of the pipeline."""
+    from diffusers import CosmosTransformer3DModel
+
+    from .hub_errors import explain_hub_errors
+
+    path = resolve_model_path(model)
+    with explain_hub_errors(path):
+        return CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)
+
+
+def load_transformer(
+    model: str,
+    checkpoint: Checkpoint | None,
+    dtype: torch.dtype = torch.bfloat16,
+    nvidia_lora_alpha: float | None = None,
+    trust_checkpoint: bool = False,
+):
+    """The transformer `checkpoint` holds, after checking it is the size of `--model`.
+
+    None when the model's own transformer is to be used: no checkpoint, or a LoRA (which goes on top of it).
+    NVIDIA's .pt is built on the meta device and filled by assignment, so a 14B checkpoint is never held twice.
+    """
+    from diffusers import CosmosTransformer3DModel
+
+    from . import nvidia_format
+
+    if checkpoint is None or checkpoint.kind == "lora":
+        return None
+    model_config = model_transformer_config(model)
+    if checkpoint.kind == "full":
+        check_same_architecture(CosmosTransformer3DModel.load_config(checkpoint.path), model_config, model)
+        return CosmosTransformer3DModel.from_pretrained(checkpoint.path, dtype=dtype)
+
+    net, ema = nvidia_format.split_net_ema(
+        nvidia_format.load_nvidia_checkpoint(checkpoint.path, trust_checkpoint=trust_checkpoint)
+    )
+    if checkpoint.ema and not ema:
+        raise ValueError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
+    weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha)
+    check_same_architecture(nvidia_format.nvidia_dims(weights), model_config, model)
+    state_dict = nvidia_format.nvidia_to_diffusers(weights)
+    with torch.device("meta"):
+        transformer = CosmosTransformer3DModel.from_config(model_config)
+    expected = {k: v.shape for k, v in transformer.state_dict().items()}
+    missing = sorted(expected.keys() - state_dict.keys())
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items()
+             if k in state_dict and state_dict[k].shape != s]
+    if missing or wrong:
+        raise ValueError(f"{checkpoint.source} does not match the {model} transformer: "
+                         f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(wrong)} of another shape "
+                         f"(e.g. {wrong[:3]}).")
+    transformer.load_state_dict(state_dict, strict=True, assign=True)
+    return transformer.to(dtype)

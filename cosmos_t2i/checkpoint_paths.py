@@ -1,0 +1,143 @@
+"""What a `--dit_path` / `--lora` argument points at, and whether it fits the model it is used with.
+
+Accepted: a training OUTPUT_DIR or its `checkpoints/` (the iteration `latest_checkpoint.txt` names), an iteration
+folder `iter_N/`, its `model/` (a diffusers transformer folder after a full fine-tune, or
+`pytorch_lora_weights.safetensors` after `--lora`), a LoRA `.safetensors` file, a Hub id of a LoRA repo, or NVIDIA's
+own `iter_N.pt` / `model.pt`. `--load_ema` picks `model/ema/` (ours) or the `net_ema.` weights (NVIDIA's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .presets import PRESETS
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LATEST = "latest_checkpoint.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    kind: str  # "full" (diffusers transformer folder), "lora" (diffusers LoRA file) or "nvidia" (.pt)
+    path: Path
+    ema: bool
+    source: str  # as the user gave it, for messages and the sidecar JSON
+    run_config: dict | None = None  # trainer/config.json of our run, when the path is inside one
+
+    def describe(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "path": str(self.path), "ema": self.ema}
+
+
+def resolve_checkpoint(source: str, load_ema: bool = False) -> Checkpoint:
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {source} does not exist.")
+    if path.is_file():
+        if path.suffix in (".pt", ".pth"):
+            return Checkpoint("nvidia", path, load_ema, source)
+        if path.suffix == ".safetensors":
+            if load_ema:
+                raise ValueError(f"--load_ema: {source} is a single LoRA file, with no EMA weights beside it. "
+                                 "Pass its iteration folder (iter_N/) or drop --load_ema.")
+            return Checkpoint("lora", path, False, source)
+        raise ValueError(f"Checkpoint {source}: expected a folder, a LoRA .safetensors file or an NVIDIA .pt file.")
+
+    path = _follow_latest(path)
+    run_config = None
+    if (path / "model").is_dir():  # an iteration folder
+        config_file = path / "trainer" / "config.json"
+        run_config = json.loads(config_file.read_text()) if config_file.is_file() else None
+        path = path / "model"
+    elif (path.parent / "trainer" / "config.json").is_file():  # its model/ folder
+        run_config = json.loads((path.parent / "trainer" / "config.json").read_text())
+    if any(path.glob("*.distcp")):
+        raise ValueError(f"{source} is a distributed (DCP) checkpoint: convert it to a single .pt first (NVIDIA's "
+                         "scripts/convert_distcp.py).")
+    if load_ema:
+        if not (path / "ema").is_dir():
+            raise ValueError(f"--load_ema: {source} has no EMA weights ({path / 'ema'} does not exist); the run was "
+                             "trained without EMA. Drop --load_ema.")
+        path = path / "ema"
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return Checkpoint("lora", path / LORA_WEIGHT_NAME, load_ema, source, run_config)
+    if (path / "config.json").is_file():
+        return Checkpoint("full", path, load_ema, source, run_config)
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    raise FileNotFoundError(
+        f"{path} holds neither a diffusers transformer (config.json + weights) nor {LORA_WEIGHT_NAME} (found: "
+        f"{found}). Pass an iteration folder iter_N/, its model/, or an NVIDIA .pt file."
+    )
+
+
+def _follow_latest(path: Path) -> Path:
+    """OUTPUT_DIR or OUTPUT_DIR/checkpoints -> the iteration folder that latest_checkpoint.txt names."""
+    for checkpoints in (path, path / "checkpoints"):
+        if (checkpoints / LATEST).is_file():
+            return checkpoints / (checkpoints / LATEST).read_text().strip()
+    return path
+
+
+def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:
+    """A LoRA: a local checkpoint as above (`load_ema`: its model/ema/), or a Hub repo id holding
+    pytorch_lora_weights.safetensors."""
+    if Path(source).exists():
+        checkpoint = resolve_checkpoint(source, load_ema)
+        if checkpoint.kind != "lora":
+            raise ValueError(f"--lora {source} is a {checkpoint.kind} checkpoint, not a LoRA; pass it as --dit_path.")
+        return checkpoint
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        from huggingface_hub import hf_hub_download
+
+        from .hub_errors import explain_hub_errors
+
+        if load_ema:
+            raise ValueError(f"--load_ema: the Hub LoRA {source} is a single file with no EMA weights.")
+        with explain_hub_errors(source):
+            return Checkpoint("lora", Path(hf_hub_download(source, LORA_WEIGHT_NAME)), False, source)
+    raise FileNotFoundError(f"LoRA {source} does not exist (neither a local path nor a Hub repo id owner/name).")
+
+
+def _dims(config: dict) -> tuple[int, int, int]:
+    return config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]
+
+
+def preset_name_for(config: dict) -> str | None:
+    """The preset whose transformer has these dimensions (2B, 14B, tiny), if any."""
+    return next((p.name for p in PRESETS.values() if _dims(p.transformer_config) == _dims(config)), None)
+
+
+def describe_architecture(config: dict) -> str:
+    """'2B (28 blocks x 16 heads)', or '3 blocks x 4 heads of 16' for a size no preset has."""
+    layers, heads, head_dim = _dims(config)
+    name = preset_name_for(config)
+    return f"{name} ({layers} blocks x {heads} heads)" if name else f"{layers} blocks x {heads} heads of {head_dim}"
+
+
+def check_same_architecture(checkpoint_config: dict, model_config: dict, model: str) -> None:
+    """Refuse a checkpoint of another size than `--model`, naming both."""
+    if _dims(checkpoint_config) == _dims(model_config):
+        return
+    model_desc = describe_architecture(model_config)
+    if model not in PRESETS:
+        model_desc = f"{model}, {model_desc}"
+    hint = preset_name_for(checkpoint_config)
+    raise ValueError(f"checkpoint is {describe_architecture(checkpoint_config)}, --model is {model_desc}"
+                     + (f": pass --model {hint}." if hint else "."))
+
+
+def model_transformer_config(model: str) -> dict:
+    """The transformer config `--model` stands for, without downloading weights (2B/14B: known locally)."""
+    preset = PRESETS.get(model)
+    if preset is not None and preset.hub_id is not None:
+        return dict(preset.transformer_config)
+    from diffusers import CosmosTransformer3DModel
+
+    from .hub_errors import explain_hub_errors
+    from .presets import resolve_model_path
+
+    path = resolve_model_path(model)
+    with explain_hub_errors(path):
+        return dict(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
+

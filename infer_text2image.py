@@ -1,0 +1,244 @@
+"""Generate images with Cosmos-Predict2 Text2Image: the base model, a fine-tuned checkpoint, NVIDIA's .pt, LoRAs.
+
+    python infer_text2image.py --model 2B --dit_path OUTPUT_DIR/checkpoints/iter_000001000 \\
+        --prompt "An image of sks teal robot." --save_path out.jpg
+    accelerate launch --num_processes 8 infer_text2image.py --model 14B --batch_input_json prompts.json
+
+Sampling is diffusers' `Cosmos2TextToImagePipeline` as it stands; this script only prepares its inputs the way
+NVIDIA's `examples/text2image.py` does: an empty negative prompt is the zero embedding (NVIDIA's unconditional
+branch), 35 steps, guidance 4 in the x0 = c + g (c - u) form (which is the pipeline's `guidance_scale`), seed 0.
+The initial noise is drawn on the CPU from the seed, so a seed gives the same noise on any device.
+Each image gets a sidecar JSON (same name, .json) with everything needed to make it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+
+import torch
+
+from cosmos_t2i.atomic import atomic_output
+from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
+from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
+from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
+from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
+UNSAFE_TEXT = "Cosmos Guardrail detected unsafe text"  # the pipeline's ValueError for a prompt the guardrail refuses
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model and checkpoint")
+    model.add_argument("--model", default=None,
+                       help="2B, 14B, tiny, a local pipeline folder or a hub id. Default: the model the --dit_path "
+                            f"run was trained from (its trainer/config.json), else {DEFAULT_MODEL}.")
+    model.add_argument("--dit_path", default=None,
+                       help="Fine-tuned weights: a training OUTPUT_DIR (latest checkpoint), an iter_N/ folder, its "
+                            "model/ (full fine-tune or LoRA), or NVIDIA's iter_N.pt / model.pt.")
+    model.add_argument("--load_ema", action="store_true", help="Use the EMA weights of --dit_path.")
+    model.add_argument("--trust_checkpoint", action="store_true",
+                       help="Load an NVIDIA .pt that torch.load(weights_only=True) refuses with weights_only=False "
+                            "(runs code stored in the file: only for files you trust).")
+    model.add_argument("--nvidia_lora_alpha", type=float, default=None,
+                       help="alpha of the PEFT LoRA inside an NVIDIA .pt (not stored in the file). Default: the "
+                            "rank, as in all of NVIDIA's LoRA configs (scale alpha/r = 1).")
+    model.add_argument("--lora", nargs="+", default=[],
+                       help="One or more LoRAs: an iter_N/ folder, its model/, a .safetensors file, or a hub id.")
+    model.add_argument("--lora_scale", nargs="+", type=float, default=None,
+                       help="One scale per LoRA, or one for all (default 1). A LoRA given as --dit_path comes first.")
+    model.add_argument("--fuse_lora", action="store_true",
+                       help="Fold the LoRAs into the weights before sampling (faster; same result up to rounding).")
+    model.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    model.add_argument("--disable_guardrail", action="store_true",
+                       help="Do not run NVIDIA's Cosmos guardrail (only where the NVIDIA Open Model License allows).")
+    model.add_argument("--offload_guardrail", action="store_true", help="Keep the guardrail models on the CPU.")
+
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--prompt", default=None)
+    gen.add_argument("--negative_prompt", default="",
+                     help="Empty (default): the zero embedding, as NVIDIA's sampler uses. Otherwise T5-encoded.")
+    gen.add_argument("--batch_input_json", default=None,
+                     help="A JSON list (NVIDIA's format) or JSONL of {\"prompt\", \"output_image\"}; an item may also "
+                          "set seed, negative_prompt, aspect_ratio. Several processes split the list.")
+    gen.add_argument("--save_path", default="output/generated_image.jpg",
+                     help="Image path for --prompt; the extension picks the format.")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--aspect_ratio", default="16:9", choices=list(ASPECT_RATIOS),
+                     help="NVIDIA's sizes: 16:9 1360x768, 1:1 1024x1024, 4:3 1168x880, 3:4, 9:16 (the tiny model "
+                          "has its own small ones).")
+    gen.add_argument("--height", type=int, default=None, help="With --width: any size in multiples of 16.")
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num_steps", type=int, default=35)
+    gen.add_argument("--guidance", type=float, default=4.0,
+                     help="x0 = c + g (c - u); 0 turns guidance off.")
+    args = parser.parse_args(argv)
+
+    if (args.prompt is None) == (args.batch_input_json is None):
+        parser.error("give exactly one of --prompt and --batch_input_json")
+    if (args.height is None) != (args.width is None):
+        parser.error("give both --height and --width, or neither")
+    if 0 < args.guidance <= 1:
+        # The pipeline skips the unconditional pass for guidance_scale <= 1, where NVIDIA's c + g(c - u) still uses it.
+        parser.error("--guidance in (0, 1] is not NVIDIA's guidance in diffusers' pipeline; use 0 (off) or > 1")
+    return args
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: str
+    output: Path
+    seed: int
+    negative_prompt: str
+    width: int
+    height: int
+    aspect_ratio: str | None  # None when --height/--width set the size
+
+
+def read_requests(args, resolutions: dict) -> list[Request]:
+    """The prompts to run, every one checked before anything is generated."""
+    if args.batch_input_json is None:
+        items, where = [{"prompt": args.prompt, "output_image": args.save_path}], "--prompt"
+    else:
+        text = Path(args.batch_input_json).read_text()
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:  # JSONL: one object a line
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        where = args.batch_input_json
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{where} holds no prompts: expected a non-empty list of {{'prompt', 'output_image'}}.")
+
+    requests, errors = [], []
+    for index, item in enumerate(items):
+        prompt = item.get("prompt") if isinstance(item, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            errors.append(f"item {index}: no prompt")
+            continue
+        aspect_ratio = item.get("aspect_ratio", None if args.height else args.aspect_ratio)
+        if aspect_ratio is not None and aspect_ratio not in resolutions:
+            errors.append(f"item {index}: unknown aspect_ratio {aspect_ratio!r} (choose {', '.join(resolutions)})")
+            continue
+        width, height = resolutions[aspect_ratio] if aspect_ratio else (args.width, args.height)
+        if width <= 0 or height <= 0 or width % 16 or height % 16:
+            errors.append(f"item {index}: {width}x{height} is not a positive multiple of 16 (8x VAE, 2x2 patches)")
+            continue
+        output = Path(item.get("output_image", f"output_{index}.jpg"))
+        if _image_format(output) is None:
+            errors.append(f"item {index}: {output} has no image extension PIL can write (.jpg, .png, .webp, ...)")
+            continue
+        requests.append(Request(prompt, output, int(item.get("seed", args.seed)),
+                                item.get("negative_prompt", args.negative_prompt), width, height, aspect_ratio))
+    outputs = [r.output.resolve() for r in requests]
+    errors += [f"{path} is the output of several items" for path in sorted({p for p in outputs if outputs.count(p) > 1})]
+    if errors:
+        raise ValueError(f"{where}: " + "; ".join(errors))
+    return requests
+
+
+def _image_format(path: Path) -> str | None:
+    from PIL import Image
+
+    return Image.registered_extensions().get(path.suffix.lower())
+
+
+def save_image(image, path: Path) -> None:
+    fmt = _image_format(path)
+    # PIL's default JPEG/WebP quality (75) visibly softens the fine detail a fine-tune is judged on.
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    with atomic_output(path) as tmp:
+        image.save(tmp, format=fmt, **options)
+
+
+def reproduce_command(args, model: str, request: Request, scales: list[float]) -> str:
+    """The command line that makes this one image again."""
+    cmd = ["python", "infer_text2image.py", "--model", model, "--prompt", request.prompt,
+           "--negative_prompt", request.negative_prompt, "--seed", str(request.seed), "--save_path", str(request.output),
+           "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--dtype", args.dtype]
+    cmd += ["--aspect_ratio", request.aspect_ratio] if request.aspect_ratio else \
+        ["--height", str(request.height), "--width", str(request.width)]
+    if args.dit_path:
+        cmd += ["--dit_path", args.dit_path] + (["--load_ema"] if args.load_ema else [])
+    if args.nvidia_lora_alpha is not None:
+        cmd += ["--nvidia_lora_alpha", str(args.nvidia_lora_alpha)]
+    if args.lora:
+        cmd += ["--lora", *args.lora]
+    if scales:
+        cmd += ["--lora_scale", *map(str, scales)]
+    for flag in ("trust_checkpoint", "fuse_lora", "disable_guardrail"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag}")
+    return shlex.join(cmd)
+
+
+def main(args):
+    import diffusers
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    dit = resolve_checkpoint(args.dit_path, args.load_ema) if args.dit_path else None
+    model = args.model or ((dit.run_config or {}).get("model") if dit else None) or DEFAULT_MODEL
+    preset = preset_for(model)
+    requests = read_requests(args, preset.resolutions if preset else ASPECT_RATIOS)
+    loras = ([dit] if dit and dit.kind == "lora" else []) + [resolve_lora(source) for source in args.lora]
+    scales = expand_scales(args.lora_scale, len(loras))
+
+    state = PartialState()
+    dtype = DTYPES[args.dtype]
+    transformer = load_transformer(model, dit, dtype, args.nvidia_lora_alpha, args.trust_checkpoint)
+    pipe = load_pipeline(model, state.device, dtype, transformer=transformer,
+                         disable_guardrail=args.disable_guardrail, offload_guardrail=args.offload_guardrail)
+    if loras:
+        apply_loras(pipe.transformer, [read_lora(c) for c in loras], scales, fuse=args.fuse_lora)
+    # The per-step bar is useful for one image; for a list, one bar over the images says more.
+    pipe.set_progress_bar_config(disable=len(requests) > 1)
+    zero_embedding = torch.zeros(1, 512, pipe.transformer.config.text_embed_dim, dtype=dtype, device=state.device)
+
+    record = {
+        "model": model,
+        "checkpoint": dit.describe() if dit else None,
+        "nvidia_lora_alpha": args.nvidia_lora_alpha if dit and dit.kind == "nvidia" else None,
+        "loras": [dict(c.describe(), scale=s) for c, s in zip(loras, scales)],
+        "fuse_lora": args.fuse_lora,
+        "num_steps": args.num_steps,
+        "guidance": args.guidance,
+        "dtype": args.dtype,
+        "guardrail": not isinstance(pipe.safety_checker, NoGuardrail),
+        "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
+    }
+    with state.split_between_processes(requests) as mine:
+        bar = tqdm(mine, desc=f"images (process {state.process_index + 1}/{state.num_processes})",
+                   disable=len(requests) == 1, position=state.process_index)
+        for request in bar:
+            inputs = dict(
+                prompt=request.prompt, height=request.height, width=request.width,
+                num_inference_steps=args.num_steps, guidance_scale=args.guidance,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+            )
+            if request.negative_prompt:
+                inputs["negative_prompt"] = request.negative_prompt
+            else:
+                inputs["negative_prompt_embeds"] = zero_embedding
+            try:
+                image = pipe(**inputs).images[0]
+            except ValueError as error:
+                if not str(error).startswith(UNSAFE_TEXT):
+                    raise
+                bar.write(f"skipped {request.output}: the guardrail refused its prompt")
+                continue
+            save_image(image, request.output)
+            sidecar = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
+                           width=request.width, height=request.height, aspect_ratio=request.aspect_ratio, **record,
+                           command=reproduce_command(args, model, request, scales))
+            with atomic_output(request.output.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(parse_args())

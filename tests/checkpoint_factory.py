@@ -1,0 +1,85 @@
+"""Checkpoints in the trainer's layout (DESIGN section 5), built directly from the tiny model for the inference and
+export tests: OUTPUT_DIR/checkpoints/iter_N/{model,trainer}/ and latest_checkpoint.txt. Only what inference reads
+is written (no optim/ or scheduler/).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # NVIDIA's, in diffusers' names
+
+
+def tiny_transformer(**overrides):
+    from diffusers import CosmosTransformer3DModel
+
+    from cosmos_t2i.presets import PRESETS
+
+    torch.manual_seed(0)
+    return CosmosTransformer3DModel(**dict(PRESETS["tiny"].transformer_config, **overrides))
+
+
+def _iteration_dir(output_dir: Path, iteration: int, model: str) -> Path:
+    name = f"iter_{iteration:09d}"
+    iter_dir = Path(output_dir) / "checkpoints" / name
+    (iter_dir / "trainer").mkdir(parents=True)
+    (iter_dir / "trainer" / "config.json").write_text(json.dumps({"model": model, "iteration": iteration}))
+    (Path(output_dir) / "checkpoints" / "latest_checkpoint.txt").write_text(name)
+    return iter_dir
+
+
+def perturbed_transformer(seed: int, amount: float = 0.5, **overrides):
+    """The tiny transformer (the tiny pipeline's own weights) moved by seeded noise: a stand-in for a fine-tune."""
+    transformer = tiny_transformer(**overrides)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.add_(amount * param.abs().mean() * torch.randn(param.shape, generator=generator))
+    return transformer
+
+
+def make_full_checkpoint(output_dir, ema: bool = True, iteration: int = 500, model: str = "tiny", **overrides):
+    """A full fine-tune: model/ (and model/ema/) as diffusers transformer folders, different from the base."""
+    iter_dir = _iteration_dir(output_dir, iteration, model)
+    perturbed_transformer(seed=1, **overrides).save_pretrained(iter_dir / "model")
+    if ema:
+        perturbed_transformer(seed=2, **overrides).save_pretrained(iter_dir / "model" / "ema")
+    return iter_dir
+
+
+def lora_transformer(rank: int = 4, alpha: float = 8.0, seed: int = 0, **overrides):
+    """The tiny transformer with a PEFT LoRA whose B is not zero (so it changes the output)."""
+    from peft import LoraConfig
+
+    transformer = tiny_transformer(**overrides)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
+    torch.manual_seed(seed)
+    transformer.add_adapter(config)
+    with torch.no_grad():  # PEFT's non-default init is large for a tiny model; keep the change moderate
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)
+    return transformer
+
+
+def save_lora(transformer, folder: Path) -> Path:
+    """diffusers' format, the way a diffusers training script saves it (config in the safetensors metadata)."""
+    from diffusers import CosmosLoraLoaderMixin
+    from peft.utils import get_peft_model_state_dict
+
+    CosmosLoraLoaderMixin.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return folder
+
+
+def make_lora_checkpoint(output_dir, ema: bool = True, iteration: int = 500, model: str = "tiny", **lora_kwargs):
+    iter_dir = _iteration_dir(output_dir, iteration, model)
+    save_lora(lora_transformer(seed=1, **lora_kwargs), iter_dir / "model")
+    if ema:
+        save_lora(lora_transformer(seed=2, **lora_kwargs), iter_dir / "model" / "ema")
+    return iter_dir
