@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Videos and/or images with captions -> a Hugging Face imagefolder that `embed_captions.py` and training read.
+
+    python prepare_dataset.py --input_dataset_dir datasets/cosmos_nemo_assets \
+        --output_dataset_dir datasets/robot --prompt "An image of sks teal robot."
+
+Input: videos (`DIR/videos/*.mp4` as in NVIDIA's example, or directly in DIR; anything OpenCV decodes), images, or
+NVIDIA's `images/` + `metas/*.txt`. Captions: --prompt for all, else `<file>.txt` beside each file, else
+`DIR/metas/<stem>.txt`. Every --stride-th frame is kept, from frame 0 (NVIDIA: 30).
+
+Output: OUT/<video-stem>_f000030.jpg ... and OUT/metadata.jsonl (`file_name`, `text`), so that
+`datasets.load_dataset("imagefolder", data_dir=OUT)` gives `image` and `text` columns. The folder is built beside
+OUT and renamed into place at the end (metadata.jsonl written last), so an interrupted run never leaves a dataset
+that loads as if it were complete. Unreadable files are reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from cosmos_t2i import frames
+
+logger = logging.getLogger("prepare_dataset")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Turn videos and/or images with captions into an imagefolder.")
+    parser.add_argument("--input_dataset_dir", required=True,
+                        help="Folder with videos and/or images, directly or in videos/ and images/ (NVIDIA's "
+                             "layouts); captions in .txt files beside them or in metas/ unless --prompt is given.")
+    parser.add_argument("--output_dataset_dir", required=True,
+                        help="Folder for the imagefolder (images + metadata.jsonl). Must be empty or new unless "
+                             "--overwrite.")
+    parser.add_argument("--prompt", default=None,
+                        help='One caption for every image, e.g. "An image of sks teal robot." (NVIDIA\'s example). '
+                             "Without it each file needs a caption file.")
+    parser.add_argument("--stride", type=int, default=30,
+                        help="Keep every N-th video frame, starting at frame 0 (NVIDIA's default: 30).")
+    parser.add_argument("--max_frames_per_video", type=int, default=None,
+                        help="Keep at most this many frames per video (default: no limit).")
+    parser.add_argument("--min_side", type=int, default=0,
+                        help="Skip videos/images whose shorter side is below this many pixels (reported). "
+                             "Default 0: keep all.")
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="Decoding processes (default: min(8, CPU count)); 0 or 1 decodes in this process.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace a non-empty --output_dataset_dir (only once the new dataset is complete).")
+    args = parser.parse_args(argv)
+    if args.stride < 1:
+        parser.error("--stride must be >= 1.")
+    if args.max_frames_per_video is not None and args.max_frames_per_video < 1:
+        parser.error("--max_frames_per_video must be >= 1.")
+    return args
+
+
+def main(argv=None) -> frames.Report:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    input_dir = Path(args.input_dataset_dir).resolve()
+    output_dir = Path(args.output_dataset_dir).resolve()
+    if output_dir == input_dir or output_dir in input_dir.parents:
+        raise ValueError(f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
+    # Every check that can fail cheaply runs before any decoding.
+    frames.require_empty_or_overwrite(output_dir, args.overwrite)
+    sources = frames.find_sources(input_dir)
+    captions = frames.find_captions(sources, input_dir, args.prompt)
+    stems = frames.output_stems(sources)
+
+    with frames.staged_folder(output_dir) as staging:
+        options = frames.Options(str(staging), args.stride, args.max_frames_per_video, args.min_side)
+        jobs = [(str(source), stems[source]) for source in sources]
+        results, report = frames.extract_all(jobs, options, args.num_workers)
+        records = sorted(
+            (name, captions[Path(result.source)]) for result in results for name in result.files
+        )
+        if not records:
+            raise RuntimeError("No image was written, so no dataset was made.\n" + report.summary(output_dir,
+                                                                                                  args.min_side))
+        # metadata.jsonl last: only a folder with every image in it can carry it.
+        with open(staging / frames.METADATA_FILE, "w", encoding="utf-8") as f:
+            for name, text in records:
+                f.write(json.dumps({"file_name": name, "text": text}, ensure_ascii=False) + "\n")
+    logger.info(report.summary(output_dir, args.min_side))
+    logger.info("Next: python embed_captions.py --dataset_dir %s --model 2B", args.output_dataset_dir)
+    return report
+
+
+if __name__ == "__main__":
+    main()
