@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import torch
 
@@ -118,8 +119,10 @@ def apply_loras(transformer, loras: list[Lora], scales: list[float], fuse: bool 
     for index, lora in enumerate(loras):
         check_lora_fits(lora, transformer)
         name = f"lora_{index}"
-        transformer.load_lora_adapter(dict(lora.state_dict), prefix=None, adapter_name=name,
-                                      metadata=lora.config or None)
+        with warnings.catch_warnings():  # PEFT warns that a second adapter is a second adapter: here it is meant
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            transformer.load_lora_adapter(dict(lora.state_dict), prefix=None, adapter_name=name,
+                                          metadata=lora.config or None)
         names.append(name)
     transformer.set_adapters(names, weights=list(scales))
     if fuse:

@@ -58,16 +58,12 @@ def lora_transformer(rank: int = 4, alpha: float = 8.0, seed: int = 0, **overrid
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
     torch.manual_seed(seed)
     transformer.add_adapter(config)
-    with torch.no_grad():  # PEFT's non-default init is large for a tiny model; keep the change moderate
-        for name, param in transformer.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.05)
     return transformer
 
 
 def save_lora(transformer, folder: Path) -> Path:
     """diffusers' format, the way a diffusers training script saves it (config in the safetensors metadata)."""
-    from diffusers import CosmosLoraLoaderMixin
+    from diffusers.loaders.lora_pipeline import CosmosLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
 
     CosmosLoraLoaderMixin.save_lora_weights(
@@ -77,9 +73,11 @@ def save_lora(transformer, folder: Path) -> Path:
     return folder
 
 
-def make_lora_checkpoint(output_dir, ema: bool = True, iteration: int = 500, model: str = "tiny", **lora_kwargs):
+def make_lora_checkpoint(output_dir, ema: bool = True, iteration: int = 500, model: str = "tiny", seed: int = 1,
+                         **lora_kwargs):
+    """A LoRA run: model/pytorch_lora_weights.safetensors (and model/ema/), adapters drawn from `seed`."""
     iter_dir = _iteration_dir(output_dir, iteration, model)
-    save_lora(lora_transformer(seed=1, **lora_kwargs), iter_dir / "model")
+    save_lora(lora_transformer(seed=seed, **lora_kwargs), iter_dir / "model")
     if ema:
-        save_lora(lora_transformer(seed=2, **lora_kwargs), iter_dir / "model" / "ema")
+        save_lora(lora_transformer(seed=seed + 1000, **lora_kwargs), iter_dir / "model" / "ema")
     return iter_dir
