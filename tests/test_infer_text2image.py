@@ -181,3 +181,20 @@ def test_a_14b_checkpoint_with_model_2b_names_both(tmp_path):
             "checkpoint is 14B (36 blocks x 40 heads), --model is 2B (28 blocks x 16 heads): pass --model 14B.")):
         infer.main(infer.parse_args(["--model", "2B", "--dit_path", str(model_dir), "--prompt", PROMPT,
                                      "--save_path", str(tmp_path / "x.jpg")]))
+
+
+def test_several_processes_split_the_prompt_list(tiny_model_dir, tmp_path):
+    """`accelerate launch --num_processes 2` (on the CPU here): every item made once, as one process makes it."""
+    import os
+    import subprocess
+    import sys
+
+    items = [{"prompt": PROMPT, "output_image": str(tmp_path / f"{i}.png"), "seed": i} for i in range(3)]
+    batch = write_batch(tmp_path, items)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    infer.__file__, *FAST, *batch], check=True, env=env, capture_output=True)
+    for i in range(3):
+        alone = run(tmp_path / "alone.png", "--seed", str(i))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i}.png")), alone)
