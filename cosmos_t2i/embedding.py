@@ -1,0 +1,298 @@
+"""Building DATASET_DIR/embedded (dataset_format.py): T5 columns, optional VAE-latent cache, NVIDIA-layout import.
+
+Everything large is written through `datasets` into Arrow files in a work folder beside the output (never all in
+memory): the unique captions' embeddings, then a row-aligned view of them (an Arrow `take`), then the latents; the
+columns are joined and saved once with `save_to_disk`, which also embeds the image bytes, so the result does not
+depend on the imagefolder staying where it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dataset_format as fmt
+from .frames import IMAGE_EXTENSIONS, METADATA_FILE
+from .text_encoding import MAX_LENGTH, encode_captions
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def device_and_dtype(dtype_flag: str | None) -> tuple[torch.device, torch.dtype]:
+    """The GPU when there is one, in bf16 unless fp32 is asked for; on a CPU fp32 unless bf16 is asked for."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype_flag is None:
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[dtype_flag]
+
+
+@contextlib.contextmanager
+def explain_gated_repo(model_path: str):
+    """Turn the Hub's refusal (gated repo, 401/403) into an error that says what to do.
+
+    transformers/diffusers wrap huggingface_hub's GatedRepoError in an OSError, so the cause chain is searched.
+    """
+    try:
+        yield
+    except Exception as error:
+        if _hub_refusal(error) is None:
+            raise
+        raise PermissionError(
+            f"The Hugging Face Hub refused to give {model_path}: NVIDIA's Cosmos-Predict2 repos are gated. Open "
+            f"https://huggingface.co/{model_path}, accept the NVIDIA Open Model License with your account, then run "
+            "`huggingface-cli login` (newer huggingface_hub: `hf auth login`) here or set HF_TOKEN, and re-run."
+        ) from error
+
+
+def _hub_refusal(error: BaseException):
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError):
+            return error
+        response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+        if getattr(response, "status_code", None) in (401, 403):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def load_text_encoder(model_path: str, device, dtype):
+    """Only the tokenizer and T5 encoder of the pipeline (T5-XXL's encoder alone is ~9 GiB in bf16)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    with explain_gated_repo(model_path):
+        tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+        text_encoder = T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype)
+    return tokenizer, text_encoder.to(device).eval()
+
+
+def load_vae(model_path: str, device, dtype):
+    from diffusers import AutoencoderKLWan
+
+    with explain_gated_repo(model_path):
+        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
+    return vae.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Columns
+
+
+def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_column: str = fmt.TEXT_COLUMN):
+    """The imagefolder as a `datasets.Dataset` with `image` and `text`; its cache goes to `cache_dir`."""
+    import datasets
+
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(
+            f"{dataset_dir} does not exist. Make it with `python prepare_dataset.py --input_dataset_dir VIDEOS "
+            f"--output_dataset_dir {dataset_dir}`, or import NVIDIA's layout with --from_nvidia_dir."
+        )
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(dataset_dir), split="train",
+                                    cache_dir=str(cache_dir))
+    if caption_column not in dataset.column_names:
+        raise ValueError(
+            f"{dataset_dir} has no {caption_column!r} captions (columns: {', '.join(dataset.column_names)}). "
+            f"It needs a {METADATA_FILE} with file_name and {caption_column}, as prepare_dataset.py writes."
+        )
+    if caption_column != fmt.TEXT_COLUMN:
+        dataset = dataset.rename_column(caption_column, fmt.TEXT_COLUMN)
+    captions = dataset[fmt.TEXT_COLUMN]
+    empty = [i for i, c in enumerate(captions) if not isinstance(c, str)]
+    if empty:
+        raise ValueError(f"{len(empty)} rows of {dataset_dir} have no caption (rows {empty[:10]}...).")
+    return dataset
+
+
+def image_stems(dataset) -> list[str]:
+    """The file stem of every row's image, read from the path without decoding the image."""
+    import datasets
+
+    raw = dataset.select_columns([fmt.IMAGE_COLUMN]).cast_column(fmt.IMAGE_COLUMN, datasets.Image(decode=False))
+    return [Path(item["path"]).stem for item in raw[fmt.IMAGE_COLUMN]]
+
+
+def _t5_features(dim: int):
+    import datasets
+
+    return datasets.Features({fmt.T5_COLUMN: datasets.Array2D(shape=(None, dim), dtype="float16")})
+
+
+def _to_float16(embedding: torch.Tensor, what: str) -> np.ndarray:
+    array = embedding.to(torch.float16).cpu().numpy()
+    if not np.isfinite(array).all():
+        raise FloatingPointError(f"The T5 embedding of {what!r} overflows float16 (NVIDIA's storage type).")
+    return array
+
+
+def encoded_t5_rows(captions: list[str], tokenizer, text_encoder, batch_size: int, cache_file: str | Path):
+    """A one-column (`t5_xxl`) dataset aligned with `captions`; each distinct caption is encoded once."""
+    import datasets
+
+    unique = list(dict.fromkeys(captions))
+    position = {caption: i for i, caption in enumerate(unique)}
+
+    def encode(batch):
+        embeddings = encode_captions(tokenizer, text_encoder, batch[fmt.TEXT_COLUMN], MAX_LENGTH)
+        return {fmt.T5_COLUMN: [_to_float16(e, c) for e, c in zip(embeddings, batch[fmt.TEXT_COLUMN])]}
+
+    # new_fingerprint: without it `datasets` would hash the closure, i.e. pickle the whole T5 encoder.
+    table = datasets.Dataset.from_dict({fmt.TEXT_COLUMN: unique}).map(
+        encode, batched=True, batch_size=batch_size, remove_columns=[fmt.TEXT_COLUMN],
+        features=_t5_features(text_encoder.config.d_model), cache_file_name=str(cache_file),
+        load_from_cache_file=False, new_fingerprint="t5-unique", desc=f"T5 ({len(unique)} distinct captions)",
+    )
+    return table.select([position[caption] for caption in captions]), len(unique)
+
+
+def latent_rows(dataset, vae, resolutions: dict, batch_size: int, cache_file: str | Path):
+    """Columns latents (float16 bytes), latents_shape, bucket for every row: the normalized VAE posterior mean of
+    the image resized and center-cropped to its nearest bucket (exactly what training would compute)."""
+    import datasets
+
+    from .buckets import bucket_pixels
+    from .vae_latents import encode_normalized
+
+    def encode(batch):
+        groups, keys = defaultdict(list), []
+        for i, image in enumerate(batch[fmt.IMAGE_COLUMN]):
+            key, pixels = bucket_pixels(image, resolutions)
+            groups[key].append((i, pixels))
+            keys.append(key)
+        latents = [None] * len(keys)
+        for items in groups.values():  # one VAE call per bucket: same shapes stack
+            encoded = encode_normalized(vae, torch.stack([pixels for _, pixels in items]))
+            for (i, _), latent in zip(items, encoded):
+                latents[i] = latent.to(torch.float16).cpu().numpy()
+        return {fmt.LATENTS_COLUMN: [a.tobytes() for a in latents],
+                fmt.LATENTS_SHAPE_COLUMN: [list(a.shape) for a in latents],
+                fmt.BUCKET_COLUMN: keys}
+
+    features = datasets.Features({
+        fmt.LATENTS_COLUMN: datasets.Value("binary"),
+        fmt.LATENTS_SHAPE_COLUMN: datasets.List(datasets.Value("int32")),
+        fmt.BUCKET_COLUMN: datasets.Value("string"),
+    })
+    return dataset.select_columns([fmt.IMAGE_COLUMN]).map(
+        encode, batched=True, batch_size=batch_size, remove_columns=[fmt.IMAGE_COLUMN], features=features,
+        cache_file_name=str(cache_file), load_from_cache_file=False, new_fingerprint="vae-latents",
+        writer_batch_size=max(batch_size, 64), desc="VAE latents",
+    )
+
+
+def join_and_save(columns: list, output_dir: str | Path) -> int:
+    """Join row-aligned datasets side by side and save them as one dataset (images embedded). Returns rows."""
+    import datasets
+
+    dataset = datasets.concatenate_datasets(columns, axis=1) if len(columns) > 1 else columns[0]
+    dataset.save_to_disk(str(output_dir))
+    return len(dataset)
+
+
+def write_info(output_dir: str | Path, info: dict) -> None:
+    import json
+
+    (Path(output_dir) / fmt.INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NVIDIA's layout: images/*.jpg + t5_xxl/*.pickle (+ metas/*.txt)
+
+
+def nvidia_pairs(nvidia_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(image, pickle) for every image of NVIDIA's layout; raises naming the images without a pickle."""
+    nvidia_dir = Path(nvidia_dir)
+    images_dir, t5_dir = nvidia_dir / "images", nvidia_dir / "t5_xxl"
+    if not images_dir.is_dir() or not t5_dir.is_dir():
+        raise FileNotFoundError(f"--from_nvidia_dir {nvidia_dir} needs images/ and t5_xxl/ (NVIDIA's layout).")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"No images in {images_dir}.")
+    missing = [p.name for p in images if not (t5_dir / f"{p.stem}.pickle").is_file()]
+    if missing:
+        raise FileNotFoundError(f"No t5_xxl/<stem>.pickle for {len(missing)} images: {', '.join(missing[:20])}.")
+    return [(p, t5_dir / f"{p.stem}.pickle") for p in images]
+
+
+def write_nvidia_imagefolder(nvidia_dir: str | Path, pairs: list[tuple[Path, Path]], output_dir: str | Path) -> int:
+    """Copy the images (byte for byte) and captions (metas/<stem>.txt, else "") into an imagefolder.
+
+    Returns how many images had no caption file."""
+    import json
+
+    metas, output_dir = Path(nvidia_dir) / "metas", Path(output_dir)
+    uncaptioned = 0
+    # Called on a staging folder (frames.staged_folder): metadata.jsonl is written after the images.
+    records = []
+    for image, _ in pairs:
+        shutil.copyfile(image, output_dir / image.name)
+        meta = metas / f"{image.stem}.txt"
+        text = meta.read_text(encoding="utf-8").strip() if meta.is_file() else ""
+        uncaptioned += not text
+        records.append({"file_name": image.name, "text": text})
+    with open(output_dir / METADATA_FILE, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return uncaptioned
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Pickles can run arbitrary code; these should hold nothing but numpy arrays, so nothing else is loaded."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are expected")
+
+
+def load_nvidia_embedding(path: str | Path) -> np.ndarray:
+    """One NVIDIA t5_xxl pickle (a list holding one float16 array [n_tokens, D]) -> float16 [n_tokens, D]."""
+    with open(path, "rb") as f:
+        try:
+            value = _NumpyOnlyUnpickler(f).load()
+        except Exception as error:
+            raise ValueError(f"{path} is not a pickled list with one numpy array: {error}") from error
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    array = np.asarray(value)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2 or array.shape[0] > MAX_LENGTH or not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}; expected float [n<=512, D].")
+    return array.astype(np.float16, copy=False)
+
+
+def nvidia_t5_rows(pickles: list[Path], cache_file: str | Path):
+    """A one-column (`t5_xxl`) dataset from NVIDIA's pickles, in the given order, values untouched."""
+    import datasets
+
+    dim = load_nvidia_embedding(pickles[0]).shape[1]
+
+    def load(batch):
+        arrays = [load_nvidia_embedding(p) for p in batch["pickle"]]
+        for path, array in zip(batch["pickle"], arrays):
+            if array.shape[1] != dim:
+                raise ValueError(f"{path} has embedding width {array.shape[1]}; {pickles[0].name} has {dim}.")
+        return {fmt.T5_COLUMN: arrays}
+
+    return datasets.Dataset.from_dict({"pickle": [str(p) for p in pickles]}).map(
+        load, batched=True, batch_size=64, remove_columns=["pickle"], features=_t5_features(dim),
+        cache_file_name=str(cache_file), load_from_cache_file=False, new_fingerprint="t5-nvidia",
+        desc="Importing t5_xxl pickles",
+    ), dim

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Add T5 caption embeddings (and optionally cached VAE latents) to an imagefolder -> DATASET_DIR/embedded.
+
+    python embed_captions.py --dataset_dir datasets/robot --model 2B [--cache_latents]
+    python embed_captions.py --dataset_dir datasets/robot --from_nvidia_dir datasets/cosmos_nemo_assets_t2i
+
+The embedding is NVIDIA's, exactly (cosmos_t2i/text_encoding.py): padded to 512 tokens, masked forward, zeros past
+the real length, stored trimmed as float16 [n, D]. Each distinct caption is encoded once. Only the tokenizer and
+the T5 encoder are loaded (and the VAE, after T5 is freed, for --cache_latents). With --cache_latents training
+needs neither T5 nor the VAE encoder.
+
+--from_nvidia_dir takes NVIDIA's prepared layout (images/*.jpg, t5_xxl/*.pickle, metas/*.txt) as it is: it creates
+DATASET_DIR as an imagefolder from it and DATASET_DIR/embedded from the pickles, without re-encoding.
+
+The output is built beside its final place and renamed in at the end: an interrupted run leaves no half dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from cosmos_t2i import dataset_format as fmt
+from cosmos_t2i import embedding, frames
+from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
+from cosmos_t2i.text_encoding import MAX_LENGTH
+
+logger = logging.getLogger("embed_captions")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Add T5 caption embeddings (and VAE latents) to an imagefolder.")
+    parser.add_argument("--dataset_dir", required=True,
+                        help="The imagefolder made by prepare_dataset.py; the result goes to DATASET_DIR/embedded. "
+                             "With --from_nvidia_dir, the folder to create.")
+    parser.add_argument("--model", default=None,
+                        help="2B, 14B, tiny, a local pipeline folder or a hub id: whose tokenizer + T5 encoder "
+                             "(and VAE) to use. Required unless --from_nvidia_dir without --cache_latents.")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="Captions per T5 forward and images per VAE forward.")
+    parser.add_argument("--cache_latents", action="store_true",
+                        help="Also store each image's normalized VAE posterior mean at its aspect-ratio bucket's "
+                             "resolution, so training never runs T5 or the VAE encoder.")
+    parser.add_argument("--dtype", choices=sorted(embedding.DTYPES), default=None,
+                        help="Compute dtype of T5 and the VAE (default: bf16 on a GPU, fp32 on a CPU). Embeddings "
+                             "are stored as float16 either way, as NVIDIA stores them.")
+    parser.add_argument("--caption_column", default=fmt.TEXT_COLUMN,
+                        help="Caption column of the imagefolder's metadata (stored as `text`).")
+    parser.add_argument("--from_nvidia_dir", default=None,
+                        help="Import NVIDIA's layout (images/*.jpg + t5_xxl/*.pickle, captions from metas/*.txt) "
+                             "into --dataset_dir without re-encoding. Only import pickles you trust; anything but "
+                             "numpy arrays in them is refused.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="With --from_nvidia_dir: replace a non-empty --dataset_dir. (DATASET_DIR/embedded is "
+                             "always replaced: it is derived from the imagefolder.)")
+    args = parser.parse_args(argv)
+    if args.model is None and (args.from_nvidia_dir is None or args.cache_latents):
+        parser.error("--model is required (unless importing --from_nvidia_dir without --cache_latents).")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1.")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    dataset_dir = Path(args.dataset_dir)
+    # Resolve before any work: an unknown --model fails now, not after the import.
+    model_path = resolve_model_path(args.model) if args.model else None
+    if args.from_nvidia_dir:
+        pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
+        frames.require_empty_or_overwrite(dataset_dir, args.overwrite)
+        # One staging folder for the imagefolder and its embedded/: both appear together or not at all.
+        with frames.staged_folder(dataset_dir) as staging:
+            uncaptioned = embedding.write_nvidia_imagefolder(args.from_nvidia_dir, pairs, staging)
+            if uncaptioned:
+                logger.warning("%d of %d images have no metas/<stem>.txt caption; their text is empty.",
+                               uncaptioned, len(pairs))
+            info = build_embedded(args, model_path, staging, staging / fmt.EMBEDDED_SUBDIR)
+    else:
+        with frames.staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
+            info = build_embedded(args, model_path, dataset_dir, staging)
+    logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
+                info["num_unique_captions"], info["text_embed_dim"],
+                ", latents cached" if args.cache_latents else "", dataset_dir / fmt.EMBEDDED_SUBDIR,
+                time.perf_counter() - start)
+    return info
+
+
+def build_embedded(args, model_path: str | None, imagefolder_dir: Path, output_dir: Path) -> dict:
+    """Write the embedded dataset of `imagefolder_dir` into the (empty) `output_dir`; return its info."""
+    device, dtype = embedding.device_and_dtype(args.dtype)
+    # Intermediate Arrow files go beside the output (same disk, removed at the end), not into ~/.cache.
+    work = Path(tempfile.mkdtemp(prefix=".embed-work-", dir=output_dir.parent))
+    try:
+        dataset = embedding.load_imagefolder(imagefolder_dir, work / "hf", args.caption_column)
+        captions = dataset[fmt.TEXT_COLUMN]
+        info = {"model": args.model, "model_path": model_path, "max_length": MAX_LENGTH,
+                "embedding_dtype": "float16", "num_rows": len(dataset),
+                "num_unique_captions": len(set(captions))}
+        if args.from_nvidia_dir:
+            t5_dir = Path(args.from_nvidia_dir) / "t5_xxl"
+            pickles = [t5_dir / f"{stem}.pickle" for stem in embedding.image_stems(dataset)]
+            t5_rows, dim = embedding.nvidia_t5_rows(pickles, work / "t5.arrow")
+            info.update(source="nvidia_t5_xxl", from_nvidia_dir=str(Path(args.from_nvidia_dir).resolve()),
+                        text_embed_dim=dim, dtype="unknown (imported)")
+        else:
+            logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model_path, device, dtype)
+            tokenizer, text_encoder = embedding.load_text_encoder(model_path, device, dtype)
+            t5_rows, _ = embedding.encoded_t5_rows(captions, tokenizer, text_encoder, args.batch_size,
+                                                   work / "t5.arrow")
+            info.update(source="encoded", text_encoder=type(text_encoder).__name__,
+                        text_embed_dim=text_encoder.config.d_model, dtype=str(dtype).removeprefix("torch."))
+            del text_encoder
+            _free(device)
+        columns = [dataset, t5_rows]
+        if args.cache_latents:
+            preset = preset_for(args.model)
+            resolutions = preset.resolutions if preset else ASPECT_RATIOS  # the same rule training uses
+            vae = embedding.load_vae(model_path, device, dtype)
+            latents = embedding.latent_rows(dataset, vae, resolutions, args.batch_size, work / "latents.arrow")
+            del vae
+            _free(device)
+            columns.append(latents)
+            info.update(bucket_resolutions={k: list(v) for k, v in resolutions.items()},
+                        bucket_counts=dict(Counter(latents[fmt.BUCKET_COLUMN])),
+                        vae_dtype=str(dtype).removeprefix("torch."))
+        embedding.join_and_save(columns, output_dir)
+        embedding.write_info(output_dir, info)  # written last: fmt.load_embedded_dataset requires it
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
