@@ -84,11 +84,16 @@ def find_captions(sources: list[Path], input_dir: str | os.PathLike, prompt: str
 
 
 def output_stems(sources: list[Path]) -> dict[Path, str]:
-    """Output name stem per source: its own stem, plus its extension where two sources share a stem."""
-    counts: dict[str, int] = {}
+    """Output name stem per source: its own stem, plus its extension where two videos or two images share a stem
+    (a.mp4 and a.mov would both write a_f000000.jpg; a.jpg and a.jpeg both a.jpg)."""
+    def kind(source: Path) -> str:
+        return "video" if source.suffix.lower() in VIDEO_EXTENSIONS else "image"
+
+    counts: dict[tuple[str, str], int] = {}
     for source in sources:
-        counts[source.stem] = counts.get(source.stem, 0) + 1
-    return {s: s.stem if counts[s.stem] == 1 else f"{s.stem}_{s.suffix.lower().lstrip('.')}" for s in sources}
+        counts[kind(source), source.stem] = counts.get((kind(source), source.stem), 0) + 1
+    return {s: s.stem if counts[kind(s), s.stem] == 1 else f"{s.stem}_{s.suffix.lower().lstrip('.')}"
+            for s in sources}
 
 
 # ----------------------------------------------------------------------------------------------------------------
