@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import torch
 
-# Our short names -> diffusers' attention dispatcher backends (all are PyTorch SDPA kernels: nothing to install).
-ATTENTION_BACKENDS = {
-    "sdpa": "native",  # PyTorch picks the kernel (flash on H100 for bf16)
-    "cudnn": "_native_cudnn",
-    "flash": "_native_flash",
-    "efficient": "_native_efficient",
-}
+# The SDPA kernels PyTorch ships (nothing to install). The chosen one goes first; the others stay allowed as
+# fallbacks for shapes it does not support (the Wan VAE's single-head attention, for one).
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "sdpa")
 
 
 def compile_transformer_blocks(transformer) -> None:
@@ -24,19 +20,34 @@ def compile_transformer_blocks(transformer) -> None:
     state-dict keys keep their names (no `_orig_mod.`) and checkpoints stay loadable anywhere. The blocks share one
     code object, so dynamo compiles it once per input shape and reuses it for all blocks.
     """
-    # Five buckets x (train, eval) shapes fit well inside a larger recompile budget than the default 8.
+    # Five buckets x (train, eval) shapes fit well inside a larger recompile budget than the default 8. Without
+    # automatic dynamic shapes every bucket gets its own static graph: measured on the H100, a graph made dynamic
+    # by a second batch size ran 2B training ~25% slower (BENCHMARKS.md).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    torch._dynamo.config.automatic_dynamic_shapes = False
     for block in transformer.transformer_blocks:
         block.compile()
 
 
-def set_attention_backend(transformer, backend: str) -> None:
-    """Pick the attention kernel ('sdpa', 'cudnn', 'flash', 'efficient'); 'sdpa' leaves PyTorch's choice."""
+def attention_backend(backend: str):
+    """Context manager: PyTorch's scaled_dot_product_attention tries `backend` first ('sdpa' = PyTorch's order).
+
+    The Cosmos attention processor calls SDPA, and a kernel is chosen when a compiled graph is traced, so wrap the
+    whole training or sampling loop. cuDNN's kernel runs Cosmos' attention (4080 tokens, head dim 128, bf16) about
+    1.8x faster than the flash kernel PyTorch picks by default on an H100 (BENCHMARKS.md).
+    """
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)}.")
-    if backend != "sdpa":
-        transformer.set_attention_backend(ATTENTION_BACKENDS[backend])
-
+    if backend == "sdpa":
+        return contextlib.nullcontext()
+    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    first = order.pop(backend)
+    return sdpa_kernel([first, *order.values(), SDPBackend.MATH], set_priority=True)
 
 
 def checkpoint_blocks(transformer, fraction: float) -> int:
