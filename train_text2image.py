@@ -89,7 +89,8 @@ def parse_args(argv=None):
                              metavar="FRACTION", help="Recompute activations of this share of the blocks "
                              "(all when given alone): less memory, more compute.")
     speed_group.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
-    speed_group.add_argument("--attention_backend", default="sdpa", choices=sorted(speed.ATTENTION_BACKENDS))
+    speed_group.add_argument("--attention_backend", default="sdpa", choices=speed.ATTENTION_BACKENDS,
+                             help="The SDPA kernel tried first (sdpa: PyTorch's own order; cudnn is fastest on H100).")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default=None,
@@ -203,7 +204,6 @@ def main(args):
                                     rank=args.rank, alpha=args.lora_alpha, frozen_dtype=weight_dtype,
                                     device=device, checkpoint=resume)
     transformer.train()
-    speed.set_attention_backend(transformer, args.attention_backend)
     if args.gradient_checkpointing:
         speed.checkpoint_blocks(transformer, args.gradient_checkpointing)
     if args.compile:
@@ -254,7 +254,7 @@ def main(args):
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
     nonfinite_in_a_row = 0
-    with StopOnSignal() as stop:
+    with speed.attention_backend(args.attention_backend), StopOnSignal() as stop:
         while iteration < args.max_iter:
             start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)

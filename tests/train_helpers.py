@@ -19,46 +19,20 @@ def pattern_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(((np.stack(channels, -1) + 1) * 127.5).astype(np.uint8))
 
 
-def make_dataset(root: Path, model_dir: Path, images: list[tuple[Image.Image, str]], cache_latents: bool = False):
-    """DATASET_DIR/embedded exactly as dataset_format.py describes it, from the tiny pipeline's T5 (and VAE)."""
-    import datasets
-    from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, T5EncoderModel
+def make_dataset(root: Path, images: list[tuple[Image.Image, str]], cache_latents: bool = False,
+                 model: str = "tiny") -> Path:
+    """An imagefolder as prepare_dataset.py writes it, embedded by embed_captions.py with `model`'s T5 (and VAE)."""
+    import embed_captions
 
-    from cosmos_t2i import dataset_format as fmt
-    from cosmos_t2i.buckets import bucket_pixels
-    from cosmos_t2i.presets import PRESETS
-    from cosmos_t2i.text_encoding import encode_captions
-    from cosmos_t2i.vae_latents import encode_normalized
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    encoder = T5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder")
-    captions = [caption for _, caption in images]
-    embeddings = [e.half().numpy() for e in encode_captions(tokenizer, encoder, captions)]
-    dim = embeddings[0].shape[1]
-    columns = {fmt.IMAGE_COLUMN: [image for image, _ in images], fmt.TEXT_COLUMN: captions,
-               fmt.T5_COLUMN: embeddings}
-    features = {fmt.IMAGE_COLUMN: datasets.Image(), fmt.TEXT_COLUMN: datasets.Value("string"),
-                fmt.T5_COLUMN: datasets.Array2D(shape=(None, dim), dtype="float16")}
-    resolutions = PRESETS["tiny"].resolutions
-    if cache_latents:
-        vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae")
-        keys, latents = [], []
-        for image, _ in images:
-            key, pixels = bucket_pixels(image, resolutions)
-            keys.append(key)
-            latents.append(encode_normalized(vae, pixels[None])[0].half().numpy())
-        columns.update({fmt.LATENTS_COLUMN: [lat.tobytes() for lat in latents],
-                        fmt.LATENTS_SHAPE_COLUMN: [list(lat.shape) for lat in latents], fmt.BUCKET_COLUMN: keys})
-        features.update({fmt.LATENTS_COLUMN: datasets.Value("binary"),
-                         fmt.LATENTS_SHAPE_COLUMN: datasets.Sequence(datasets.Value("int32")),
-                         fmt.BUCKET_COLUMN: datasets.Value("string")})
-    dataset = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
-    out = Path(root) / fmt.EMBEDDED_SUBDIR
-    dataset.save_to_disk(str(out))
-    (out / fmt.INFO_FILE).write_text(json.dumps({"model": "tiny", "embedding_dim": dim,
-                                                 "resolutions": {k: list(v) for k, v in resolutions.items()}}))
-    return Path(root)
+    root = Path(root)
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i, (image, caption) in enumerate(images):
+            image.save(root / f"{i:04d}.png")
+            f.write(json.dumps({"file_name": f"{i:04d}.png", "text": caption}) + "\n")
+    embed_captions.main(["--dataset_dir", str(root), "--model", model, "--batch_size", "4"]
+                        + (["--cache_latents"] if cache_latents else []))
+    return root
 
 
 def train(*argv: str):
@@ -75,3 +49,21 @@ def weights(checkpoint: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     from cosmos_t2i.checkpoint import read_transformer_weights
 
     return read_transformer_weights(Path(checkpoint) / "model" / ("ema" if ema else ""))
+
+
+def wide_tiny_pipeline(path: Path, tiny_dir: Path, heads: int = 8) -> Path:
+    """The tiny pipeline with a transformer wide enough (8 heads x 16 = 128 > the 68 numbers of a latent patch) to
+    pass its input through: the tiny preset's 32-wide one cannot, so no amount of training makes it reproduce an
+    image, while the real models (2048 / 5120 wide) can."""
+    import shutil
+
+    from diffusers import CosmosTransformer3DModel
+
+    from cosmos_t2i.presets import PRESETS
+
+    shutil.copytree(tiny_dir, path)
+    shutil.rmtree(path / "transformer")
+    torch.manual_seed(0)
+    config = dict(PRESETS["tiny"].transformer_config, num_attention_heads=heads)
+    CosmosTransformer3DModel(**config).save_pretrained(path / "transformer")
+    return path

@@ -1,0 +1,82 @@
+"""Bad inputs stop train_text2image.py with an error that says what to do, before any model is loaded."""
+
+import json
+
+import pytest
+from train_helpers import make_dataset, pattern_image, train
+
+import train_text2image
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_model_dir, tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("errors") / "data",
+                        [(pattern_image(64, 64, 0), "An image of sks teal robot.")], cache_latents=True)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(train_text2image, "build_transformer", refuse)
+
+
+COMMON = ["--report_to", "none", "--dataloader_num_workers", "0", "--mixed_precision", "no"]
+
+
+def test_missing_dataset(tmp_path, no_model_loading, tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="does not exist.*prepare_dataset.py"):
+        train("--model", "tiny", "--dataset_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out", *COMMON)
+
+
+def test_dataset_without_t5_embeddings(tmp_path, no_model_loading, tiny_model_dir):
+    folder = tmp_path / "imagefolder"
+    folder.mkdir()
+    pattern_image(64, 64, 0).save(folder / "a.jpg")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "a robot"}) + "\n")
+    with pytest.raises(FileNotFoundError, match="no T5 embeddings.*embed_captions.py"):
+        train("--model", "tiny", "--dataset_dir", folder, "--output_dir", tmp_path / "out", *COMMON)
+
+
+def test_embedding_dim_other_than_the_models(dataset, tmp_path, no_model_loading):
+    # The tiny dataset's 32-dim embeddings against 2B's 1024 (architecture from the preset: no download).
+    with pytest.raises(ValueError, match=r"32-dimensional T5 embeddings \(embedded with tiny\).*2B.*"
+                                         r"text_embed_dim=1024.*embed_captions.py --model 2B"):
+        train("--model", "2B", "--random_init", "--dataset_dir", dataset, "--output_dir", tmp_path / "out", *COMMON)
+
+
+def test_unknown_model(dataset, tmp_path, no_model_loading):
+    with pytest.raises(ValueError, match="Unknown model '3B'.*2B, 14B, tiny"):
+        train("--model", "3B", "--dataset_dir", dataset, "--output_dir", tmp_path / "out", *COMMON)
+
+
+@pytest.mark.parametrize("flag", [["--rank", "8"], ["--lora_alpha", "8"]])
+def test_lora_flags_without_lora(flag):
+    with pytest.raises(ValueError, match="--rank and --lora_alpha configure LoRA: add --lora"):
+        train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x", *flag])
+
+
+def test_synthetic_data_needs_random_init():
+    with pytest.raises(ValueError, match="--random_init"):
+        train_text2image.parse_args(["--model", "2B", "--synthetic_data", "768x1360"])
+
+
+def test_push_to_hub_without_token(dataset, tmp_path, no_model_loading, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(PermissionError, match="token"):
+        train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", tmp_path / "out", "--push_to_hub",
+              "--hub_model_id", "me/x", *COMMON)
+
+
+def test_resume_with_other_flags_names_them(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", out, "--max_iter", "2", "--save_iter", "2",
+          *COMMON)
+    monkeypatch.setattr(train_text2image, "build_transformer", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match=r"Cannot resume .*iter_000000002.*learning_rate: 3\.05.*e-05 there, "
+                                         r"0\.001 now.*seed: 0 there, 1 now"):
+        train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", out, "--max_iter", "2",
+              "--learning_rate", "1e-3", "--seed", "1", *COMMON)
