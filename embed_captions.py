@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
                                uncaptioned, len(pairs))
             info = build_embedded(args, model_path, staging, staging / fmt.EMBEDDED_SUBDIR)
     else:
+        embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
         with frames.staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
             info = build_embedded(args, model_path, dataset_dir, staging)
     logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],

@@ -91,16 +91,23 @@ def load_vae(model_path: str, device, dtype):
 # Columns
 
 
+def require_imagefolder(dataset_dir: str | Path) -> None:
+    """Fail early, with the command to run, when `dataset_dir` is not an imagefolder with captions."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir() or not any(p.name.startswith("metadata.") for p in dataset_dir.iterdir()):
+        raise FileNotFoundError(
+            f"{dataset_dir} is not an imagefolder with captions (no {METADATA_FILE}). Make it with `python "
+            f"prepare_dataset.py --input_dataset_dir VIDEOS --output_dataset_dir {dataset_dir}`, or import NVIDIA's "
+            "layout with --from_nvidia_dir."
+        )
+
+
 def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_column: str = fmt.TEXT_COLUMN):
     """The imagefolder as a `datasets.Dataset` with `image` and `text`; its cache goes to `cache_dir`."""
     import datasets
 
     dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise FileNotFoundError(
-            f"{dataset_dir} does not exist. Make it with `python prepare_dataset.py --input_dataset_dir VIDEOS "
-            f"--output_dataset_dir {dataset_dir}`, or import NVIDIA's layout with --from_nvidia_dir."
-        )
+    require_imagefolder(dataset_dir)
     dataset = datasets.load_dataset("imagefolder", data_dir=str(dataset_dir), split="train",
                                     cache_dir=str(cache_dir))
     if caption_column not in dataset.column_names:
