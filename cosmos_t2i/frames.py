@@ -42,9 +42,10 @@ def find_sources(input_dir: str | os.PathLike) -> list[Path]:
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input_dataset_dir {input_dir} is not a folder.")
     folders = [input_dir] + [input_dir / sub for sub in ("videos", "images") if (input_dir / sub).is_dir()]
+    extensions = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     sources = sorted(
         path for folder in folders for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions
     )
     if not sources:
         raise FileNotFoundError(
@@ -130,10 +131,11 @@ def extract(job: tuple[str, str], options: Options) -> Result:
                 _extract_image(source, stem, options, result)
         except Exception as error:  # a worker must survive any single bad file
             result.error = f"{type(error).__name__}: {error}"
-    if result.error:
+    if result.error or result.too_small:
         for name in result.files:  # a skipped file leaves nothing behind
             (Path(options.output_dir) / name).unlink(missing_ok=True)
         result.files = []
+    if result.error:
         detail = _summarize_native(messages())
         if detail:
             result.error += f" ({detail})"
@@ -172,10 +174,10 @@ def _extract_video(source: str, stem: str, options: Options, result: Result) -> 
             elif not capture.grab():
                 break
             index += 1
-        stopped_early = limit is None or len(result.files) < limit
+        reached_end = limit is None or len(result.files) < limit  # else we stopped on purpose
         if index == 0:
             result.error = "no frame could be decoded"
-        elif stopped_early and expected > 0 and index < expected - max(2, round(0.02 * expected)):
+        elif reached_end and expected > 0 and index < expected - max(2, round(0.02 * expected)):
             result.error = f"decoding stopped at frame {index} of {expected}: truncated or corrupt"
     finally:
         capture.release()

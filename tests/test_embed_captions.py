@@ -1,6 +1,5 @@
 """embed_captions.py: NVIDIA-exact T5 columns, latent cache, NVIDIA-layout import, errors (tiny model, CPU)."""
 
-import json
 import pickle
 import types
 from pathlib import Path
