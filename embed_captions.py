@@ -45,7 +45,7 @@ def parse_args(argv=None):
                         help="2B, 14B, tiny, a local pipeline folder or a hub id: whose tokenizer + T5 encoder "
                              "(and VAE) to use. Required unless --from_nvidia_dir without --cache_latents.")
     parser.add_argument("--batch_size", type=int, default=8,
-                        help="Captions per T5 forward and images per VAE forward.")
+                        help="Captions per T5 forward and images per VAE forward (default: 8).")
     parser.add_argument("--cache_latents", action="store_true",
                         help="Also store each image's normalized VAE posterior mean at its aspect-ratio bucket's "
                              "resolution, so training never runs T5 or the VAE encoder.")
