@@ -50,7 +50,7 @@ def explain_gated_repo(model_path: str):
         raise PermissionError(
             f"The Hugging Face Hub refused to give {model_path}: NVIDIA's Cosmos-Predict2 repos are gated. Open "
             f"https://huggingface.co/{model_path}, accept the NVIDIA Open Model License with your account, then run "
-            "`huggingface-cli login` (newer huggingface_hub: `hf auth login`) here or set HF_TOKEN, and re-run."
+            "`hf auth login` (older huggingface_hub: `huggingface-cli login`) here or set HF_TOKEN, and re-run."
         ) from error
 
 

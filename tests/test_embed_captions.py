@@ -169,7 +169,7 @@ def test_gated_repo_refusal_says_what_to_do_and_keeps_the_old_dataset(prepared, 
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refused)
     monkeypatch.setattr(embed_captions, "resolve_model_path", lambda model: model)
-    with pytest.raises(PermissionError, match=r"accept the NVIDIA Open Model License.*huggingface-cli login"):
+    with pytest.raises(PermissionError, match=r"accept the NVIDIA Open Model License.*hf auth login.*huggingface-cli login"):
         embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "nvidia/Cosmos-Predict2-2B-Text2Image"])
     assert fmt.read_info(dataset_dir) == info  # the failed run replaced nothing
     assert sorted(p.name for p in dataset_dir.iterdir() if p.name.startswith(".")) == []
