@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cosmos_t2i.atomic import atomic_output
-from cosmos_t2i.checkpoint_paths import Checkpoint, resolve_checkpoint, resolve_lora
+from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
 from cosmos_t2i.pipeline import load_model_transformer, load_transformer
@@ -79,11 +79,13 @@ def export_nvidia(args) -> None:
     checkpoint = resolve_checkpoint(args.checkpoint)
     if checkpoint.kind == "nvidia":
         raise ValueError(f"{args.checkpoint} is already an NVIDIA checkpoint.")
-    ema_path = checkpoint.path.parent / "ema" if checkpoint.kind == "lora" else checkpoint.path / "ema"
-    ema = resolve_checkpoint(args.checkpoint, load_ema=True) if ema_path.is_dir() else None
+    try:
+        ema = resolve_checkpoint(args.checkpoint, load_ema=True)
+    except NoEMAError:
+        ema = None
     if checkpoint.kind == "full":
         def weights(c):
-            return {k: v.to(dtype) for k, v in CosmosTransformer3DModel.from_pretrained(c.path).state_dict().items()}
+            return CosmosTransformer3DModel.from_pretrained(c.path, dtype=dtype).state_dict()
     else:
         model = _base_model(args, checkpoint)
 

@@ -26,6 +26,7 @@ from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
 from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
+from cosmos_t2i.text_encoding import MAX_LENGTH
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
@@ -103,14 +104,21 @@ class Request:
 def read_requests(args, resolutions: dict) -> list[Request]:
     """The prompts to run, every one checked before anything is generated."""
     if args.batch_input_json is None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty.")
         items, where = [{"prompt": args.prompt, "output_image": args.save_path}], "--prompt"
     else:
-        text = Path(args.batch_input_json).read_text()
+        where = args.batch_input_json
+        text = Path(where).read_text()
         try:
             items = json.loads(text)
         except json.JSONDecodeError:  # JSONL: one object a line
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        where = args.batch_input_json
+            items = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                try:
+                    items += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where} line {number} is not JSON ({error}).") from error
         if not isinstance(items, list) or not items:
             raise ValueError(f"{where} holds no prompts: expected a non-empty list of {{'prompt', 'output_image'}}.")
 
@@ -120,7 +128,7 @@ def read_requests(args, resolutions: dict) -> list[Request]:
         if not isinstance(prompt, str) or not prompt.strip():
             errors.append(f"item {index}: no prompt")
             continue
-        aspect_ratio = item.get("aspect_ratio", None if args.height else args.aspect_ratio)
+        aspect_ratio = item.get("aspect_ratio", args.aspect_ratio if args.height is None else None)
         if aspect_ratio is not None and aspect_ratio not in resolutions:
             errors.append(f"item {index}: unknown aspect_ratio {aspect_ratio!r} (choose {', '.join(resolutions)})")
             continue
@@ -134,8 +142,9 @@ def read_requests(args, resolutions: dict) -> list[Request]:
             continue
         requests.append(Request(prompt, output, int(item.get("seed", args.seed)),
                                 item.get("negative_prompt", args.negative_prompt), width, height, aspect_ratio))
-    outputs = [r.output.resolve() for r in requests]
-    errors += [f"{path} is the output of several items" for path in sorted({p for p in outputs if outputs.count(p) > 1})]
+    # Sidecars too: a.png and a.jpg would share a.json.
+    outputs = [r.output.resolve().with_suffix("") for r in requests]
+    errors += [f"{path}.* is the output of several items" for path in sorted({p for p in outputs if outputs.count(p) > 1})]
     if errors:
         raise ValueError(f"{where}: " + "; ".join(errors))
     return requests
@@ -197,7 +206,8 @@ def main(args):
         apply_loras(pipe.transformer, [read_lora(c) for c in loras], scales, fuse=args.fuse_lora)
     # The per-step bar is useful for one image; for a list, one bar over the images says more.
     pipe.set_progress_bar_config(disable=len(requests) > 1)
-    zero_embedding = torch.zeros(1, 512, pipe.transformer.config.text_embed_dim, dtype=dtype, device=state.device)
+    zero_embedding = torch.zeros(1, MAX_LENGTH, pipe.transformer.config.text_embed_dim, dtype=dtype,
+                                 device=state.device)
 
     record = {
         "model": model,
@@ -227,9 +237,9 @@ def main(args):
             try:
                 image = pipe(**inputs).images[0]
             except ValueError as error:
-                if not str(error).startswith(UNSAFE_TEXT):
+                if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
                     raise
-                bar.write(f"skipped {request.output}: the guardrail refused its prompt")
+                bar.write(f"skipped {request.output}: the guardrail refused its prompt")  # as NVIDIA's script does
                 continue
             save_image(image, request.output)
             sidecar = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,

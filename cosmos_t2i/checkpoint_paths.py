@@ -18,6 +18,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LATEST = "latest_checkpoint.txt"
 
 
+class NoEMAError(ValueError):
+    """--load_ema on a checkpoint saved without EMA weights."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     kind: str  # "full" (diffusers transformer folder), "lora" (diffusers LoRA file) or "nvidia" (.pt)
@@ -39,7 +43,7 @@ def resolve_checkpoint(source: str, load_ema: bool = False) -> Checkpoint:
             return Checkpoint("nvidia", path, load_ema, source)
         if path.suffix == ".safetensors":
             if load_ema:
-                raise ValueError(f"--load_ema: {source} is a single LoRA file, with no EMA weights beside it. "
+                raise NoEMAError(f"--load_ema: {source} is a single LoRA file, with no EMA weights beside it. "
                                  "Pass its iteration folder (iter_N/) or drop --load_ema.")
             return Checkpoint("lora", path, False, source)
         raise ValueError(f"Checkpoint {source}: expected a folder, a LoRA .safetensors file or an NVIDIA .pt file.")
@@ -57,7 +61,7 @@ def resolve_checkpoint(source: str, load_ema: bool = False) -> Checkpoint:
                          "scripts/convert_distcp.py).")
     if load_ema:
         if not (path / "ema").is_dir():
-            raise ValueError(f"--load_ema: {source} has no EMA weights ({path / 'ema'} does not exist); the run was "
+            raise NoEMAError(f"--load_ema: {source} has no EMA weights ({path / 'ema'} does not exist); the run was "
                              "trained without EMA. Drop --load_ema.")
         path = path / "ema"
     if (path / LORA_WEIGHT_NAME).is_file():
@@ -85,7 +89,8 @@ def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:
     if Path(source).exists():
         checkpoint = resolve_checkpoint(source, load_ema)
         if checkpoint.kind != "lora":
-            raise ValueError(f"--lora {source} is a {checkpoint.kind} checkpoint, not a LoRA; pass it as --dit_path.")
+            kind = {"full": "full fine-tune", "nvidia": "NVIDIA .pt"}[checkpoint.kind]
+            raise ValueError(f"{source} is a {kind} checkpoint, not a LoRA: pass it as --dit_path.")
         return checkpoint
     if source.count("/") == 1 and not source.startswith((".", "/")):
         from huggingface_hub import hf_hub_download
@@ -93,7 +98,7 @@ def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:
         from .hub_errors import explain_hub_errors
 
         if load_ema:
-            raise ValueError(f"--load_ema: the Hub LoRA {source} is a single file with no EMA weights.")
+            raise NoEMAError(f"--load_ema: the Hub LoRA {source} is a single file with no EMA weights.")
         with explain_hub_errors(source):
             return Checkpoint("lora", Path(hf_hub_download(source, LORA_WEIGHT_NAME)), False, source)
     raise FileNotFoundError(f"LoRA {source} does not exist (neither a local path nor a Hub repo id owner/name).")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint_paths import Checkpoint, check_same_architecture, model_transformer_config
+from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture, model_transformer_config
 from .presets import preset_for, resolve_model_path
 
 
@@ -134,7 +134,7 @@ def load_transformer(
         nvidia_format.load_nvidia_checkpoint(checkpoint.path, trust_checkpoint=trust_checkpoint)
     )
     if checkpoint.ema and not ema:
-        raise ValueError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
+        raise NoEMAError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
     weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha)
     check_same_architecture(nvidia_format.nvidia_dims(weights), model_config, model)
     state_dict = nvidia_format.nvidia_to_diffusers(weights)

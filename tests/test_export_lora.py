@@ -94,7 +94,7 @@ def test_full_checkpoint_plus_lora_and_errors(lora_run, tmp_path):
 
     with pytest.raises(FileExistsError, match="exists"):
         export("diffusers", "--model", "tiny", "--lora", lora_run, "--output", tmp_path / "merged")
-    with pytest.raises(ValueError, match="is a full checkpoint, not a LoRA"):
+    with pytest.raises(ValueError, match="is a full fine-tune checkpoint, not a LoRA"):
         export("comfyui", "--lora", full, "--output", tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="already an NVIDIA checkpoint"):
         torch.save({}, tmp_path / "x.pt")

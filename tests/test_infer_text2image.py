@@ -153,6 +153,11 @@ def test_errors(tiny_model_dir, full_run, tmp_path):
         main(*write_batch(tmp_path, [{"prompt": PROMPT}, {"prompt": PROMPT, "aspect_ratio": "2:1"}]))
     with pytest.raises(ValueError, match="item 0: no prompt"):
         main(*write_batch(tmp_path, [{"prompt": "", "output_image": "a.png"}]))
+    with pytest.raises(ValueError, match=r"out\.\* is the output of several items"):  # a.png, a.jpg share a.json
+        main(*write_batch(tmp_path, [{"prompt": PROMPT, "output_image": str(tmp_path / f"out.{ext}")}
+                                     for ext in ("png", "jpg")]))
+    with pytest.raises(ValueError, match="--prompt is empty"):
+        main("--prompt", " ", "--save_path", str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="no image extension"):
         main("--prompt", PROMPT, "--save_path", str(tmp_path / "x.txt"))
     with pytest.raises(SystemExit):  # argparse: not one of NVIDIA's five
