@@ -4,22 +4,13 @@ and LoRA(s) merged into one diffusers transformer folder that samples like the L
 import numpy as np
 import pytest
 import torch
-from checkpoint_factory import lora_transformer, make_full_checkpoint, make_lora_checkpoint
+from infer_helpers import PROMPT, lora_transformer, make_full_checkpoint, make_lora_checkpoint, one_thread  # noqa: F401
 from diffusers import CosmosTransformer3DModel
 from PIL import Image
 from safetensors.torch import load_file
 
 import export_checkpoint
 import infer_text2image as infer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a small CPU: thread start-up costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def test_merged_diffusers_folder_samples_like_the_lora(lora_run, tmp_path):
 
     def image(name, *extra):
         infer.main(infer.parse_args(["--model", "tiny", "--num_steps", "2", "--dtype", "float32", "--prompt",
-                                     "An image of sks teal robot.", "--save_path", str(tmp_path / name), *extra]))
+                                     PROMPT, "--save_path", str(tmp_path / name), *extra]))
         return np.asarray(Image.open(tmp_path / name)).astype(int)
 
     with_lora = image("lora.png", "--lora", str(lora_run), "--lora_scale", "0.8")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from checkpoint_factory import lora_transformer, make_full_checkpoint, make_lora_checkpoint, tiny_transformer
+from infer_helpers import lora_transformer, make_full_checkpoint, make_lora_checkpoint, tiny_transformer
 from diffusers import CosmosTransformer3DModel
 
 import export_checkpoint

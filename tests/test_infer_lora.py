@@ -4,7 +4,7 @@ unfused, and a LoRA that does not fit the model is refused with the reason."""
 import numpy as np
 import pytest
 import torch
-from checkpoint_factory import lora_transformer, make_lora_checkpoint, save_lora
+from infer_helpers import PROMPT, lora_transformer, make_lora_checkpoint, one_thread, save_lora  # noqa: F401
 from PIL import Image
 
 import infer_text2image as infer
@@ -12,17 +12,7 @@ from cosmos_t2i.checkpoint_paths import resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, read_lora
 from cosmos_t2i.pipeline import load_pipeline
 
-PROMPT = "An image of sks teal robot."
 FAST = ["--model", "tiny", "--num_steps", "2", "--dtype", "float32"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a small CPU: thread start-up costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,46 +7,18 @@ import shlex
 
 import numpy as np
 import pytest
-import torch
-from checkpoint_factory import make_full_checkpoint
+from infer_helpers import PROMPT, make_full_checkpoint, one_thread, stock_image  # noqa: F401 (fixture)
 from PIL import Image
 
 import infer_text2image as infer
 from cosmos_t2i.presets import PRESETS
 
-PROMPT = "An image of sks teal robot."
 FAST = ["--model", "tiny", "--num_steps", "2", "--dtype", "float32"]
 
 
 def run(save_path, *extra):
     infer.main(infer.parse_args([*FAST, "--prompt", PROMPT, "--save_path", str(save_path), *extra]))
     return np.asarray(Image.open(save_path))
-
-
-def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspect_ratio="16:9"):
-    """The same image straight from diffusers' Cosmos2TextToImagePipeline."""
-    from diffusers import Cosmos2TextToImagePipeline
-
-    from cosmos_t2i.pipeline import NoGuardrail
-
-    extra = {"transformer": transformer} if transformer is not None else {}
-    pipe = Cosmos2TextToImagePipeline.from_pretrained(model_dir, safety_checker=NoGuardrail(), dtype=torch.float32,
-                                                      **extra)
-    width, height = PRESETS["tiny"].resolutions[aspect_ratio]
-    negative = {"negative_prompt": negative_prompt} if negative_prompt else \
-        {"negative_prompt_embeds": torch.zeros(1, 512, pipe.transformer.config.text_embed_dim)}
-    image = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=2, guidance_scale=4.0,
-                 generator=torch.Generator().manual_seed(seed), **negative).images[0]
-    return np.asarray(image)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a small CPU: thread start-up costs more than the work (10x slower with 2 threads here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

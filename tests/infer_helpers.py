@@ -1,6 +1,8 @@
-"""Checkpoints in the trainer's layout (DESIGN section 5), built directly from the tiny model for the inference and
-export tests: OUTPUT_DIR/checkpoints/iter_N/{model,trainer}/ and latest_checkpoint.txt. Only what inference reads
-is written (no optim/ or scheduler/).
+"""What the inference and export tests share.
+
+Checkpoints in the trainer's layout (DESIGN section 5), built directly from the tiny model with chosen weights and
+LoRA settings: OUTPUT_DIR/checkpoints/iter_N/{model,trainer}/ and latest_checkpoint.txt, only what inference reads
+(test_infer_from_trainer.py runs the real trainer too). And the reference: the same image straight from diffusers.
 """
 
 from __future__ import annotations
@@ -8,7 +10,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+
+PROMPT = "An image of sks teal robot."
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a small CPU: thread start-up costs more than the work (10x slower with 2 threads here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspect_ratio="16:9", steps=2):
+    """The image diffusers' Cosmos2TextToImagePipeline makes itself, with the inputs infer_text2image.py passes."""
+    from diffusers import Cosmos2TextToImagePipeline
+
+    from cosmos_t2i.pipeline import NoGuardrail
+    from cosmos_t2i.presets import PRESETS
+
+    extra = {"transformer": transformer} if transformer is not None else {}
+    pipe = Cosmos2TextToImagePipeline.from_pretrained(model_dir, safety_checker=NoGuardrail(), dtype=torch.float32,
+                                                      **extra)
+    width, height = PRESETS["tiny"].resolutions[aspect_ratio]
+    negative = {"negative_prompt": negative_prompt} if negative_prompt else \
+        {"negative_prompt_embeds": torch.zeros(1, 512, pipe.transformer.config.text_embed_dim)}
+    image = pipe(prompt=PROMPT, height=height, width=width, num_inference_steps=steps, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(seed), **negative).images[0]
+    return np.asarray(image)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # NVIDIA's, in diffusers' names
 

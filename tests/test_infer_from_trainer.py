@@ -1,0 +1,58 @@
+"""The real trainer's checkpoints (tiny, 2 steps) through inference and every export: the layouts agree."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from infer_helpers import PROMPT, one_thread, stock_image  # noqa: F401 (fixture)
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import train
+
+import export_checkpoint
+import infer_text2image as infer
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    common = ["--model", "tiny", "--random_init", "--synthetic_data", "48x96", "--max_iter", "2", "--save_iter", "2",
+              "--report_to", "none", "--mixed_precision", "no", "--dataloader_num_workers", "0"]
+    train(*common, "--output_dir", root / "full")
+    train(*common, "--lora", "--output_dir", root / "lora")
+    return root
+
+
+def generate(tmp_path, name, *argv):
+    # No --model: the run's trainer/config.json says tiny.
+    infer.main(infer.parse_args(["--num_steps", "2", "--dtype", "float32", "--prompt", PROMPT,
+                                 "--save_path", str(tmp_path / name), *argv]))
+    return np.asarray(Image.open(tmp_path / name))
+
+
+def test_full_fine_tune_with_ema(tiny_model_dir, runs, tmp_path):
+    from diffusers import CosmosTransformer3DModel
+
+    ema = generate(tmp_path, "ema.png", "--dit_path", str(runs / "full"), "--load_ema")
+    assert json.loads((tmp_path / "ema.json").read_text())["model"] == "tiny"
+    iter_dir = runs / "full" / "checkpoints" / "iter_000000002"
+    ema_weights = CosmosTransformer3DModel.from_pretrained(iter_dir / "model" / "ema")
+    assert np.array_equal(ema, stock_image(tiny_model_dir, ema_weights))
+
+    pt = tmp_path / "iter_000000002.pt"
+    export_checkpoint.main(export_checkpoint.parse_args(
+        ["nvidia", "--checkpoint", str(iter_dir), "--output", str(pt), "--dtype", "float32"]))
+    assert {k.split(".")[0] for k in torch.load(pt, weights_only=True)} == {"net", "net_ema"}
+    assert np.array_equal(generate(tmp_path, "pt.png", "--model", "tiny", "--dit_path", str(pt), "--load_ema"), ema)
+
+
+def test_lora(runs, tmp_path):
+    iter_dir = runs / "lora" / "checkpoints" / "iter_000000002"
+    generate(tmp_path, "lora.png", "--lora", str(iter_dir), "--model", "tiny")
+    generate(tmp_path, "lora_ema.png", "--dit_path", str(iter_dir), "--load_ema")
+    export_checkpoint.main(export_checkpoint.parse_args(
+        ["comfyui", "--lora", str(iter_dir), "--output", str(tmp_path / "comfy.safetensors")]))
+    comfy = load_file(tmp_path / "comfy.safetensors")
+    assert "diffusion_model.blocks.0.self_attn.q_proj.lora_B.weight" in comfy
+    assert comfy["diffusion_model.blocks.0.self_attn.q_proj.alpha"].item() == 16.0  # NVIDIA's rank 16, alpha 16
