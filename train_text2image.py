@@ -60,7 +60,8 @@ def parse_args(argv=None):
 
     recipe = parser.add_argument_group("recipe (defaults: NVIDIA's for the model)")
     recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run.")
-    recipe.add_argument("--save_iter", type=int, default=500, help="Save a checkpoint every this many steps.")
+    recipe.add_argument("--save_iter", type=int, default=500, help="Save a checkpoint every this many steps and at "
+                        "the end; 0 saves nothing (benchmarks).")
     recipe.add_argument("--train_batch_size", type=int, default=1, help="Images per GPU per micro-step.")
     recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
     recipe.add_argument("--learning_rate", type=float, default=None, help=(
@@ -126,7 +127,10 @@ def parse_args(argv=None):
 
 
 def _parse_size(text: str) -> list[int]:
-    height, width = (int(v) for v in text.lower().split("x"))
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--synthetic_data {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 768x1360.") from None
     if height % 16 or width % 16:
         raise ValueError(f"--synthetic_data {text}: height and width must be multiples of 16.")
     return [height, width]
@@ -253,7 +257,7 @@ def main(args):
                     args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
-    nonfinite_in_a_row = 0
+    nonfinite_in_a_row, step_seconds = 0, []
     with speed.attention_backend(args.attention_backend), StopOnSignal() as stop:
         while iteration < args.max_iter:
             start = time.perf_counter()
@@ -277,7 +281,7 @@ def main(args):
                 optimizer.step()
                 if ema is not None:
                     ema.update(iteration)
-                nonfinite_in_a_row = 0
+                nonfinite_in_a_row, step_seconds = 0, []
             else:
                 # NVIDIA zeroes non-finite gradients silently; a run that produces them should be looked at.
                 nonfinite_in_a_row += 1
@@ -292,14 +296,15 @@ def main(args):
             iteration += 1
 
             loss_value = accelerator.reduce(loss_sum, "mean").item() / args.gradient_accumulation_steps
-            samples_per_s = samples_per_step / (time.perf_counter() - start)
+            step_seconds.append(time.perf_counter() - start)
+            samples_per_s = samples_per_step / step_seconds[-1]
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", samples_s=f"{samples_per_s:.2f}")
             accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s},
                             step=iteration)
 
             stopping = stop.agreed(accelerator)
-            if iteration % args.save_iter == 0 or iteration == args.max_iter or stopping:
+            if args.save_iter and (iteration % args.save_iter == 0 or iteration == args.max_iter or stopping):
                 save(iteration)
             if validator is not None and (iteration % args.validation_steps == 0 or iteration == args.max_iter):
                 validate(iteration)
@@ -307,11 +312,13 @@ def main(args):
                 logger.info("Stopped by signal at iteration %d; checkpoint saved.", iteration)
                 break
     progress.close()
+    if accelerator.is_main_process:
+        _report_speed(step_seconds, samples_per_step, device)
 
     if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
         _push(args, config, preset, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
     accelerator.end_training()
-    return output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration)
+    return ckpt.latest_checkpoint(output_dir)
 
 
 def _checkpoint_to_resume(args, output_dir: Path) -> Path | None:
@@ -337,6 +344,17 @@ def _global(norm) -> float | None:
     from torch.distributed.tensor import DTensor
 
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> None:
+    """Throughput of the steps after the first three (compilation, allocator warm-up); checkpoints and validation
+    are not counted."""
+    timed = step_seconds[3:] or step_seconds
+    if not timed:
+        return
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    logger.info("Throughput: %.3f samples/s, %.1f ms/step over %d steps; peak GPU memory %.1f GiB",
+                samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), peak)
 
 
 def _zero3(accelerator) -> bool:

@@ -34,10 +34,9 @@ class PowerEMA:
 
     @torch.no_grad()
     def update(self, iteration: int) -> None:
-        beta = self.beta(iteration)
-        shadow = list(self.shadow.values())
-        torch._foreach_mul_(shadow, beta)
-        torch._foreach_add_(shadow, [p.detach().float() for p in self.params.values()], alpha=1.0 - beta)
+        # ema + (1 - beta) (p - ema) = beta ema + (1 - beta) p, in one pass over memory.
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in self.params.values()],
+                             1.0 - self.beta(iteration))
 
     def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """Unsharded fp32 CPU tensors where `keep` (the main process); every process must call this."""

@@ -53,3 +53,13 @@ def test_two_processes_train_save_and_resume(dataset, tmp_path):
         expected = weights(final, ema)
         for name, tensor in weights(resumed, ema).items():
             torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+def test_power_ema_of_fsdp2_sharded_parameters():
+    """FSDP2 itself runs on CPUs with gloo: each rank averages its shard, a checkpoint gathers one tensor at a
+    time to the main process, and a resume scatters it back."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "fsdp_ema_worker.py")]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr.count("ok") == 2, result.stderr[-4000:]
