@@ -284,9 +284,11 @@ def main(args):
                 nonfinite_in_a_row, step_seconds = 0, []
             else:
                 # NVIDIA zeroes non-finite gradients silently; a run that produces them should be looked at.
+                # (DeepSpeed steps inside backward(): there it can only be reported.)
                 nonfinite_in_a_row += 1
-                logger.warning("Iteration %d: gradient norm is %s; update skipped (%d in a row).",
-                               iteration, grad_norm, nonfinite_in_a_row)
+                logger.warning("Iteration %d: gradient norm is %s; %s (%d in a row).", iteration, grad_norm,
+                               "DeepSpeed applied the update" if _deepspeed(accelerator) else "update skipped",
+                               nonfinite_in_a_row)
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
                     raise RuntimeError(f"{nonfinite_in_a_row} steps in a row had non-finite gradients (last at "
                                        f"iteration {iteration}). Lower --learning_rate or check the data.")
@@ -357,9 +359,12 @@ def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> N
                 samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), peak)
 
 
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def _zero3(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and \
-        accelerator.state.deepspeed_plugin.zero_stage == 3
+    return _deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def _sharded(accelerator) -> bool:

@@ -196,3 +196,34 @@ def test_lora_targets_every_block_attention_and_mlp(tiny_model_dir):
     assert adapted == expected
     assert all(p.eq(0).all() for n, p in transformer.named_parameters() if ".lora_B." in n)  # B = 0
     assert transformer.peft_config["default"].r == 16 and transformer.peft_config["default"].lora_alpha == 16
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("single_gpu", {}),
+    ("ddp_8gpu", {}),
+    ("fsdp2_8gpu", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+                    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                    "FSDP_TRANSFORMER_CLS_TO_WRAP": "CosmosTransformerBlock",
+                    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}),
+])
+def test_accelerate_configs_launch_as_intended(name, expected):
+    """What `accelerate launch --config_file` hands the training processes (no GPU needed to check)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", f"accelerate_configs/{name}.yaml", "train_text2image.py"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert args.mixed_precision == "bf16" and args.num_processes == (1 if name == "single_gpu" else 8)
+    if expected:
+        env = prepare_multi_gpu_env(args)
+        assert {k: env.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs(stage):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(f"accelerate_configs/deepspeed_zero{stage}.yaml")
+    assert config.distributed_type == "DEEPSPEED" and config.mixed_precision == "bf16"
+    assert config.deepspeed_config["zero_stage"] == stage and config.deepspeed_config["gradient_clipping"] == 1.0
+    assert config.deepspeed_config.get("zero3_save_16bit_model", False) == (stage == 3)
