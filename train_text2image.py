@@ -281,7 +281,7 @@ def main(args):
                 optimizer.step()
                 if ema is not None:
                     ema.update(iteration)
-                nonfinite_in_a_row, step_seconds = 0, []
+                nonfinite_in_a_row = 0
             else:
                 # NVIDIA zeroes non-finite gradients silently; a run that produces them should be looked at.
                 # (DeepSpeed steps inside backward(): there it can only be reported.)
@@ -311,7 +311,7 @@ def main(args):
             if validator is not None and (iteration % args.validation_steps == 0 or iteration == args.max_iter):
                 validate(iteration)
             if stopping:
-                logger.info("Stopped by signal at iteration %d; checkpoint saved.", iteration)
+                logger.info("Stopped by signal at iteration %d.", iteration)
                 break
     progress.close()
     if accelerator.is_main_process:

@@ -52,3 +52,34 @@ def test_saved_lora_loads_into_a_fresh_transformer(dataset, tiny_model_dir, tmp_
         base = CosmosTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")(**inputs)[0]
     assert (expected - base).abs().max() > 1e-3  # training moved the adapters away from B = 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_images_and_hub_upload(dataset, tmp_path, monkeypatch):
+    """Validation samples are saved and logged; --push_to_hub uploads model/ with the card and those samples."""
+    import huggingface_hub
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cosmos_t2i import hub
+
+    pushed = {}
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(hub, "push", lambda folder, repo_id: pushed.update(folder=folder, repo_id=repo_id) or repo_id)
+    train("--model", "tiny", "--lora", "--dataset_dir", dataset, "--output_dir", tmp_path / "run", "--max_iter", "2",
+          "--save_iter", "2", "--validation_prompt", "An image of sks teal robot.", "--validation_prompt", "a cat",
+          "--validation_steps", "2", "--validation_num_inference_steps", "2", "--dataloader_num_workers", "0",
+          "--push_to_hub", "--hub_model_id", "me/robot-lora")
+
+    images = sorted(p.name for p in (tmp_path / "run" / "validation").iterdir())
+    assert images == ["iter_000000002_0.jpg", "iter_000000002_1.jpg"]
+    events = EventAccumulator(str(tmp_path / "run" / "logs" / "cosmos-predict2-text2image"))
+    events.Reload()
+    assert [image.step for image in events.Images("validation")] == [2]  # the prompts side by side
+
+    folder = pushed["folder"]
+    assert pushed["repo_id"] == "me/robot-lora"
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "README.md", "ema/pytorch_lora_weights.safetensors", "images/iter_000000002_0.jpg",
+        "images/iter_000000002_1.jpg", "pytorch_lora_weights.safetensors"]
+    card = (folder / "README.md").read_text()
+    assert 'instance_prompt: "An image of sks teal robot."' in card and "LoRA rank 16, alpha 16" in card
+    assert "| learning rate | 0.001 peak, linear decay to 0 |" in card
