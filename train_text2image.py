@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
@@ -36,7 +37,7 @@ from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, make_data
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.validation import Validator, encode_prompts
 
-logger = logging.getLogger("train_text2image")
+logger = get_logger("train_text2image")  # logs on the main process only
 
 
 def parse_args(argv=None):
@@ -250,11 +251,10 @@ def main(args):
                 validator.save(images, iteration, accelerator.trackers)
         accelerator.wait_for_everyone()
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
-        logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
-                    args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
-                    args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
+    accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
+    logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
+                args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
+                args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
     nonfinite_in_a_row, step_seconds = 0, []
@@ -314,8 +314,7 @@ def main(args):
                 logger.info("Stopped by signal at iteration %d.", iteration)
                 break
     progress.close()
-    if accelerator.is_main_process:
-        _report_speed(step_seconds, samples_per_step, device)
+    _report_speed(step_seconds, samples_per_step, device)
 
     if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
         _push(args, config, preset, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
