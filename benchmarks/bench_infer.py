@@ -37,7 +37,6 @@ VARIANTS = [
     Variant("plain: stock pipeline (eager, SDPA, CFG as 2 calls)", stock=True),
     Variant("batched CFG", batched_cfg=True),
     Variant("batched CFG + compiled blocks", batched_cfg=True, compile=True),
-    Variant("batched CFG + compiled + cuDNN attn", batched_cfg=True, compile=True, attention="cudnn"),
 ]
 
 
