@@ -5,7 +5,10 @@ Each is measured against the plain path in benchmarks/ (numbers in BENCHMARKS.md
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # The SDPA kernels PyTorch ships (nothing to install). The chosen one goes first; the others stay allowed as
 # fallbacks for shapes it does not support (the Wan VAE's single-head attention, for one).
@@ -26,15 +29,22 @@ def compile_transformer_blocks(transformer) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     torch._dynamo.config.automatic_dynamic_shapes = False
     for block in transformer.transformer_blocks:
-        block.compile()
+        inner = getattr(block, "_forward_under_checkpoint", None)
+        if inner is None:
+            block.compile()
+        else:
+            # The checkpoint stays outside the compiled region; traced inside it, the 14B LoRA step with every
+            # block checkpointed ran slower compiled than eager (BENCHMARKS.md).
+            block.forward = functools.partial(checkpoint, torch.compile(inner), use_reentrant=False)
 
 
 def attention_backend(backend: str):
     """Context manager: PyTorch's scaled_dot_product_attention tries `backend` first ('sdpa' = PyTorch's order).
 
     The Cosmos attention processor calls SDPA, and a kernel is chosen when a compiled graph is traced, so wrap the
-    whole training or sampling loop. cuDNN's kernel runs Cosmos' attention (4080 tokens, head dim 128, bf16) about
-    1.8x faster than the flash kernel PyTorch picks by default on an H100 (BENCHMARKS.md).
+    whole training or sampling loop. On an H100 with PyTorch 2.11, 'sdpa' already runs Cosmos' attention (4080
+    tokens, head dim 128, bf16) on cuDNN's kernel, 1.8x faster than flash (BENCHMARKS.md); the switch is for
+    other GPUs and versions.
     """
     import contextlib
 
@@ -55,14 +65,11 @@ def checkpoint_blocks(transformer, fraction: float) -> int:
 
     Selective checkpointing trades a share of recomputed forward for memory, instead of diffusers' all-or-nothing
     `enable_gradient_checkpointing()`. The block's `forward` is wrapped in place, so parameter names (and hence
-    checkpoints) do not change, and `Module.compile()` traces the wrapper like any other code.
+    checkpoints) do not change. Call it before `compile_transformer_blocks`, which then compiles inside it.
     """
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
     blocks = transformer.transformer_blocks
     count = round(fraction * len(blocks))
     for block in list(blocks)[:count]:
+        block._forward_under_checkpoint = block.forward
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return count
