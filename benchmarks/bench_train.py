@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, device_name, free_memory, peak_gib, reset_peak_memory, train_flops_per_sample, write_table  # noqa: E402
-from cosmos_t2i import speed  # noqa: E402
+from cosmos_t2i import speed, trainable  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
 
@@ -68,21 +68,13 @@ def parse_args(argv=None):
 
 
 def build_transformer(model: str, lora: bool, device):
-    from diffusers import CosmosTransformer3DModel
-
+    """The training script's own model builder, with random weights of the real architecture."""
     torch.manual_seed(0)
-    with torch.device(device):
-        transformer = CosmosTransformer3DModel(**PRESETS[model].transformer_config)
-    if not lora:
-        return transformer, [p for p in transformer.parameters()]
-    from cosmos_t2i.lora import lora_config
-
-    transformer.to(torch.bfloat16).requires_grad_(False)
-    transformer.add_adapter(lora_config(rank=16, alpha=16))
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # fp32 adapter master weights; autocast does the bf16 compute
-    return transformer, params
+    transformer = trainable.build_transformer(
+        model, PRESETS[model].transformer_config, random_init=True, lora=lora, rank=16, alpha=16,
+        frozen_dtype=torch.bfloat16, device=device,
+    )
+    return transformer, [p for p in transformer.parameters() if p.requires_grad]
 
 
 def run_variant(args, variant: Variant, device) -> dict:
@@ -131,9 +123,7 @@ def run_variant(args, variant: Variant, device) -> dict:
         step_ms=1000 * timer.seconds / args.steps, tflops=tflops, mfu=f"{100 * tflops / args.peak_tflops:.1f}%",
         peak_gib=peak_gib(), first_loss=first_loss,
     )
-    del transformer, params, optimizer, x0, text
-    free_memory()
-    return row
+    return row  # the model and optimizer go with this frame; main() then frees the cached memory
 
 
 def main(argv=None):
@@ -151,7 +141,7 @@ def main(argv=None):
                 rows.append(run_variant(args, variant, device))
         except torch.OutOfMemoryError:
             rows.append(dict(variant=variant.name, batch=variant.batch_size, samples_per_s="OOM"))
-            free_memory()
+        free_memory()
         print(rows[-1], flush=True)
     plain = rows[0]
     for row in rows:

@@ -3,9 +3,14 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on a small CPU: thread start-up costs more than the work (10x slower with 2 threads here), and
+# pytest-xdist already runs one test per core. Subprocesses (accelerate launch) inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

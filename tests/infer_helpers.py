@@ -11,19 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 PROMPT = "An image of sks teal robot."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a small CPU: thread start-up costs more than the work (10x slower with 2 threads here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspect_ratio="16:9", steps=2):

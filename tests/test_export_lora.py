@@ -4,7 +4,7 @@ and LoRA(s) merged into one diffusers transformer folder that samples like the L
 import numpy as np
 import pytest
 import torch
-from infer_helpers import PROMPT, lora_transformer, make_full_checkpoint, make_lora_checkpoint, one_thread  # noqa: F401
+from infer_helpers import PROMPT, lora_transformer, make_full_checkpoint, make_lora_checkpoint
 from diffusers import CosmosTransformer3DModel
 from PIL import Image
 from safetensors.torch import load_file

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from infer_helpers import PROMPT, one_thread, stock_image  # noqa: F401 (fixture)
+from infer_helpers import PROMPT, stock_image
 from PIL import Image
 from safetensors.torch import load_file
 from train_helpers import train

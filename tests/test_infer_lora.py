@@ -4,7 +4,7 @@ unfused, and a LoRA that does not fit the model is refused with the reason."""
 import numpy as np
 import pytest
 import torch
-from infer_helpers import PROMPT, lora_transformer, make_lora_checkpoint, one_thread, save_lora  # noqa: F401
+from infer_helpers import PROMPT, lora_transformer, make_lora_checkpoint, save_lora
 from PIL import Image
 
 import infer_text2image as infer

@@ -7,7 +7,7 @@ import shlex
 
 import numpy as np
 import pytest
-from infer_helpers import PROMPT, make_full_checkpoint, one_thread, stock_image  # noqa: F401 (fixture)
+from infer_helpers import PROMPT, make_full_checkpoint, stock_image
 from PIL import Image
 
 import infer_text2image as infer
