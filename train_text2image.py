@@ -55,7 +55,8 @@ def parse_args(argv=None):
     data.add_argument("--dataset_dir", default=None, help="Made by prepare_dataset.py + embed_captions.py.")
     data.add_argument("--synthetic_data", default=None, metavar="HEIGHTxWIDTH", help="Random latents and 512-token "
                       "embeddings at this pixel resolution instead of a dataset, e.g. 768x1360. Needs --random_init.")
-    data.add_argument("--dataloader_num_workers", type=int, default=2)
+    data.add_argument("--dataloader_num_workers", type=int, default=None, help="Processes decoding images (default "
+                      "2 with a GPU; 0 on a CPU, where they would take cores from the training itself).")
     data.add_argument("--text_dropout", type=float, default=TEXT_DROPOUT,
                       help="Share of samples trained with a zero text embedding, for CFG (NVIDIA: 0.2).")
 
@@ -122,8 +123,11 @@ def parse_args(argv=None):
         raise ValueError("--dataset_dir is required (make one with prepare_dataset.py and embed_captions.py).")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = 2 if torch.cuda.is_available() else 0
     if args.output_dir is None:
-        args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{'lora' if args.lora else 'full'}"
+        kind = "lora" if args.lora else "full"
+        args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{kind}"
     return args
 
 

@@ -49,8 +49,8 @@ def test_learns_one_image_and_the_stock_sampler_reproduces_it(tiny_model_dir, tm
     assert loss[-100:].mean() < 0.1 * loss[:20].mean(), (loss[:20].mean(), loss[-100:].mean())
 
     row = fmt.load_embedded_dataset(data)[0]
-    x0 = torch.from_numpy(np.frombuffer(row[fmt.LATENTS_COLUMN], np.float16).reshape(row[fmt.LATENTS_SHAPE_COLUMN]).copy())
-    x0 = x0.float()[:, 0]  # [C, h, w]: the pipeline's latent output drops the frame axis
+    x0 = np.frombuffer(row[fmt.LATENTS_COLUMN], np.float16).reshape(row[fmt.LATENTS_SHAPE_COLUMN])
+    x0 = torch.from_numpy(x0.astype(np.float32))[:, 0]  # [C, h, w]: the pipeline's latent output drops the frame axis
     prompt_embeds = pad_embedding(torch.tensor(np.asarray(row[fmt.T5_COLUMN], np.float32)))[None]
 
     def relative_errors(transformer_dir):
