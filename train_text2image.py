@@ -81,8 +81,9 @@ def parse_args(argv=None):
                         "whose gradients were NaN/inf (each such step is skipped and reported).")
     recipe.add_argument("--ema", dest="ema", action="store_true", default=True,
                         help="Keep NVIDIA's power EMA of the trained weights (default).")
-    recipe.add_argument("--no_ema", dest="ema", action="store_false")
-    recipe.add_argument("--ema_sigma_rel", type=float, default=NVIDIA_SIGMA_REL)
+    recipe.add_argument("--no_ema", dest="ema", action="store_false", help="Train without EMA.")
+    recipe.add_argument("--ema_sigma_rel", type=float, default=NVIDIA_SIGMA_REL,
+                        help="Relative width of the EMA's averaging profile (NVIDIA: 0.1, gamma ~ 6.94).")
     recipe.add_argument("--seed", type=int, default=0)
     recipe.add_argument("--mixed_precision", default="bf16", choices=["bf16", "no"],
                         help="Compute dtype; master weights are fp32 either way.")
@@ -91,9 +92,11 @@ def parse_args(argv=None):
     speed_group.add_argument("--gradient_checkpointing", type=float, nargs="?", const=1.0, default=0.0,
                              metavar="FRACTION", help="Recompute activations of this share of the blocks "
                              "(all when given alone): less memory, more compute.")
-    speed_group.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
+    speed_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                             help="torch.compile each transformer block (the default on a GPU: ~1.7x on 2B).")
+    speed_group.add_argument("--no_compile", dest="compile", action="store_false", help="Eager: the plain path.")
     speed_group.add_argument("--attention_backend", default="sdpa", choices=speed.ATTENTION_BACKENDS,
-                             help="The SDPA kernel tried first (sdpa: PyTorch's own order; cudnn is fastest on H100).")
+                             help="The SDPA kernel tried first (sdpa: PyTorch's own order, which picks cuDNN's on an H100).")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default=None,
@@ -125,6 +128,8 @@ def parse_args(argv=None):
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = 2 if torch.cuda.is_available() else 0
+    if args.compile is None:
+        args.compile = torch.cuda.is_available()
     if args.output_dir is None:
         kind = "lora" if args.lora else "full"
         args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{kind}"
