@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from train_helpers import make_dataset, pattern_image, train
+from train_helpers import make_dataset, pattern_image, train, weights
 
 import train_text2image
 
@@ -80,3 +80,34 @@ def test_resume_with_other_flags_names_them(dataset, tmp_path, monkeypatch):
                                          r"0\.001 now.*seed: 0 there, 1 now"):
         train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", out, "--max_iter", "2",
               "--learning_rate", "1e-3", "--seed", "1", *COMMON)
+
+
+def _nan_loss_on(monkeypatch, bad_calls):
+    calls = []
+    loss = train_text2image.diffusion_loss
+
+    def maybe_nan(*args, **kwargs):
+        calls.append(1)
+        value = loss(*args, **kwargs)
+        return value * float("nan") if len(calls) in bad_calls else value
+
+    monkeypatch.setattr(train_text2image, "diffusion_loss", maybe_nan)
+
+
+def test_nonfinite_gradients_skip_the_update_and_say_so(dataset, tmp_path, monkeypatch, caplog):
+    import logging
+
+    _nan_loss_on(monkeypatch, bad_calls={2})
+    with caplog.at_level(logging.WARNING, logger="train_text2image"):
+        checkpoint = train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", tmp_path / "out",
+                           "--max_iter", "3", "--save_iter", "3", *COMMON)
+    assert "Iteration 1: gradient norm is nan; update skipped (1 in a row)." in caplog.text
+    assert checkpoint.name == "iter_000000003"  # the run went on, with nothing of the NaN step in its weights
+    assert all(t.isfinite().all() for t in {**weights(checkpoint), **weights(checkpoint, ema=True)}.values())
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(dataset, tmp_path, monkeypatch):
+    _nan_loss_on(monkeypatch, bad_calls=set(range(2, 100)))
+    with pytest.raises(RuntimeError, match="3 steps in a row had non-finite gradients .*iteration 3"):
+        train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", tmp_path / "out", "--max_iter", "10",
+              "--max_nonfinite_steps", "3", *COMMON)
