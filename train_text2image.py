@@ -170,8 +170,10 @@ def main(args):
         raise ValueError("EMA under DeepSpeed ZeRO-3 is not supported (the parameters are partitioned): use the "
                          "FSDP2 config, or --no_ema.")
 
+    # The optimizer checkpoint's format and the data order depend on how the run is spread over processes.
     config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,
-                                        world_size=accelerator.num_processes)))
+                                        world_size=accelerator.num_processes,
+                                        distributed_type=str(accelerator.distributed_type))))
     resume = _checkpoint_to_resume(args, output_dir)
     if resume is not None:
         differing = config_differences(ckpt.read_config(resume), config)

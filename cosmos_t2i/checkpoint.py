@@ -74,7 +74,8 @@ def save_checkpoint(accelerator, output_dir, iteration: int, *, save_model, mode
     final = root / iter_name(iteration)
     staging = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
+        for leftover in root.glob(".iter_*.tmp"):  # from a crash mid-save
+            shutil.rmtree(leftover)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
 

@@ -1,4 +1,5 @@
-"""Bad inputs stop train_text2image.py with an error that says what to do, before any model is loaded."""
+"""Bad inputs stop train_text2image.py with an error that says what to do, before any model is loaded; bad steps
+(non-finite gradients) are skipped and reported."""
 
 import json
 

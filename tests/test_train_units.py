@@ -144,9 +144,9 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
         _save(tmp_path, 2, save_model=crash)
     assert ckpt.latest_checkpoint(tmp_path).name == "iter_000000001"
     assert not (tmp_path / "checkpoints" / "iter_000000002").exists()
-    _save(tmp_path, 2)  # the next save of that iteration clears the leftover
+    _save(tmp_path, 3)  # the next save clears the leftover
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "iter_000000001", "iter_000000002", "latest_checkpoint.txt"]
+        "iter_000000001", "iter_000000003", "latest_checkpoint.txt"]
 
 
 def test_model_card_and_upload_folder(tmp_path):
