@@ -90,11 +90,11 @@ def test_lora_that_does_not_fit(lora_runs, tmp_path):
     def main(*argv):
         infer.main(infer.parse_args([*FAST, *out, *argv]))
 
-    # Made for a wider model (head dim 32: hidden 64 instead of 32).
+    # Made for a wider model (head dim 32: hidden 256 instead of 128).
     wider = save_lora(lora_transformer(attention_head_dim=32), tmp_path / "wider")
-    with pytest.raises(ValueError, match=r"does not fit the model \(tiny \(2 blocks x 2 heads\)\).*other shapes.*"
-                                         r"transformer_blocks\.0\.attn1\.to_k: LoRA \(64, 4\) x \(4, 64\), model "
-                                         r"\[32, 32\]"):
+    with pytest.raises(ValueError, match=r"does not fit the model \(tiny \(2 blocks x 8 heads\)\).*other shapes.*"
+                                         r"transformer_blocks\.0\.attn1\.to_k: LoRA \(256, 4\) x \(4, 256\), model "
+                                         r"\[128, 128\]"):
         main("--lora", str(wider))
 
     # Module names of another model (here NVIDIA's own names instead of diffusers').

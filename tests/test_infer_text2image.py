@@ -145,7 +145,7 @@ def test_errors(tiny_model_dir, full_run, tmp_path):
     wrong_size = tmp_path / "wrong_size"
     make_full_checkpoint(wrong_size, ema=False, num_layers=3, num_attention_heads=4)
     with pytest.raises(ValueError, match=re.escape("checkpoint is 3 blocks x 4 heads of 16, --model is tiny "
-                                                   "(2 blocks x 2 heads)")):
+                                                   "(2 blocks x 8 heads)")):
         main(*out, "--dit_path", str(wrong_size))
 
 

@@ -49,21 +49,3 @@ def weights(checkpoint: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     from cosmos_t2i.checkpoint import read_transformer_weights
 
     return read_transformer_weights(Path(checkpoint) / "model" / ("ema" if ema else ""))
-
-
-def wide_tiny_pipeline(path: Path, tiny_dir: Path, heads: int = 8) -> Path:
-    """The tiny pipeline with a transformer wide enough (8 heads x 16 = 128 > the 68 numbers of a latent patch) to
-    pass its input through: the tiny preset's 32-wide one cannot, so no amount of training makes it reproduce an
-    image, while the real models (2048 / 5120 wide) can."""
-    import shutil
-
-    from diffusers import CosmosTransformer3DModel
-
-    from cosmos_t2i.presets import PRESETS
-
-    shutil.copytree(tiny_dir, path)
-    shutil.rmtree(path / "transformer")
-    torch.manual_seed(0)
-    config = dict(PRESETS["tiny"].transformer_config, num_attention_heads=heads)
-    CosmosTransformer3DModel(**config).save_pretrained(path / "transformer")
-    return path
