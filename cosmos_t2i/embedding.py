@@ -8,7 +8,6 @@ depend on the imagefolder staying where it is.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import shutil
 from collections import defaultdict
@@ -19,6 +18,7 @@ import torch
 
 from . import dataset_format as fmt
 from .frames import IMAGE_EXTENSIONS, METADATA_FILE
+from .hub_errors import explain_hub_errors
 from .text_encoding import MAX_LENGTH, encode_captions
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -36,44 +36,11 @@ def device_and_dtype(dtype_flag: str | None) -> tuple[torch.device, torch.dtype]
     return device, DTYPES[dtype_flag]
 
 
-@contextlib.contextmanager
-def explain_gated_repo(model_path: str):
-    """Turn the Hub's refusal (gated repo, 401/403) into an error that says what to do.
-
-    transformers/diffusers wrap huggingface_hub's GatedRepoError in an OSError, so the cause chain is searched.
-    """
-    try:
-        yield
-    except Exception as error:
-        if _hub_refusal(error) is None:
-            raise
-        raise PermissionError(
-            f"The Hugging Face Hub refused to give {model_path}: NVIDIA's Cosmos-Predict2 repos are gated. Open "
-            f"https://huggingface.co/{model_path}, accept the NVIDIA Open Model License with your account, then run "
-            "`hf auth login` (older huggingface_hub: `huggingface-cli login`) here or set HF_TOKEN, and re-run."
-        ) from error
-
-
-def _hub_refusal(error: BaseException):
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, GatedRepoError):
-            return error
-        response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
-        if getattr(response, "status_code", None) in (401, 403):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def load_text_encoder(model_path: str, device, dtype):
     """Only the tokenizer and T5 encoder of the pipeline (T5-XXL's encoder alone is ~9 GiB in bf16)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    with explain_gated_repo(model_path):
+    with explain_hub_errors(model_path):
         tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
         text_encoder = T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype)
     return tokenizer, text_encoder.to(device).eval()
@@ -82,7 +49,7 @@ def load_text_encoder(model_path: str, device, dtype):
 def load_vae(model_path: str, device, dtype):
     from diffusers import AutoencoderKLWan
 
-    with explain_gated_repo(model_path):
+    with explain_hub_errors(model_path):
         vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
     return vae.to(device).eval()
 
