@@ -78,8 +78,10 @@ def decode_images(pipe, latents: torch.Tensor, output_type: str = "pil"):
     """Normalized latents -> images, through the pipeline's VAE, guardrail video check and post-processing."""
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    raw = latents * std / pipe.scheduler.config.sigma_data + mean
+    # Divided by 1/std, not multiplied by std, exactly as the pipeline does: the roundings differ, and an image
+    # pixel can flip by one level.
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+    raw = latents / inv_std / pipe.scheduler.config.sigma_data + mean
     video = vae.decode(raw.to(vae.dtype), return_dict=False)[0]
     checker = pipe.safety_checker
     checker.to(pipe._execution_device)
