@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, free_memory, peak_gib, reset_peak_memory, train_flops_per_sample, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Timer, device_name, free_memory, peak_gib, reset_peak_memory, synchronize, train_flops_per_sample, write_table,
+)
 from cosmos_t2i import speed, trainable  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
@@ -32,6 +35,7 @@ class Variant:
     attention: str = "sdpa"
     fused_adamw: bool = False
     checkpoint_fraction: float = 0.0  # share of blocks with activation checkpointing
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -42,6 +46,8 @@ FULL_VARIANTS = [
     Variant("compiled + fused AdamW", 2, compile=True, fused_adamw=True),
     Variant("compiled + fused AdamW, batch 3", 3, compile=True, fused_adamw=True),
     Variant("compiled + fused AdamW, batch 4", 4, compile=True, fused_adamw=True),
+    Variant("compiled (max-autotune) + fused AdamW", 2, compile=True, fused_adamw=True,
+            compile_mode="max-autotune-no-cudagraphs"),
 ]
 LORA_VARIANTS = [
     Variant("plain (eager, SDPA, peft, full ckpt)", 1, checkpoint_fraction=1.0),
@@ -61,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per variant.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
     parser.add_argument("--variants", default=None, help="Comma-separated indices of the variants to run.")
+    parser.add_argument("--profile", default=None, help="Write the GPU kernel time table of each variant's last "
+                        "timed steps here (one file per variant index).")
     parser.add_argument("--peak_tflops", type=float, default=800.0, help="Measured bf16 matmul rate for MFU.")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
     parser.add_argument("--out", default=None, help="Write the markdown table here (and the rows as .json).")
@@ -86,7 +94,7 @@ def run_variant(args, variant: Variant, device) -> dict:
             transformer.transformer_blocks
         )
     if variant.compile:
-        speed.compile_transformer_blocks(transformer)
+        speed.compile_transformer_blocks(transformer, variant.compile_mode)
     optimizer = torch.optim.AdamW(
         params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
         fused=variant.fused_adamw, foreach=None if variant.fused_adamw else True,
@@ -115,6 +123,15 @@ def run_variant(args, variant: Variant, device) -> dict:
     with Timer() as timer:
         for i in range(args.steps):
             step(100 + i)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(1000)
+            synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+        slug = re.sub(r"[^a-z0-9]+", "_", variant.name.lower()).strip("_")
+        Path(f"{args.profile}.{slug}.txt").write_text(table)
     samples_per_s = args.steps * variant.batch_size / timer.seconds
     flops = train_flops_per_sample(config, args.height, args.width, args.lora, recompute)
     tflops = samples_per_s * flops / 1e12

@@ -41,16 +41,16 @@ class Timer:
     """Wall time of a region, synchronised with the GPU at both ends (a CPU run is only a smoke test)."""
 
     def __enter__(self):
-        _sync()
+        synchronize()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        _sync()
+        synchronize()
         self.seconds = time.perf_counter() - self.start
 
 
-def _sync():
+def synchronize():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "sdpa")
 
 
-def compile_transformer_blocks(transformer) -> None:
+def compile_transformer_blocks(transformer, mode: str | None = None) -> None:
     """torch.compile each transformer block in place (regional compilation).
 
     diffusers' `compile_repeated_blocks()` refuses this model (its `_repeated_blocks` is empty), and compiling the
@@ -31,11 +31,11 @@ def compile_transformer_blocks(transformer) -> None:
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)
         if inner is None:
-            block.compile()
+            block.compile(mode=mode)
         else:
             # The checkpoint stays outside the compiled region; traced inside it, the 14B LoRA step with every
             # block checkpointed ran slower compiled than eager (BENCHMARKS.md).
-            block.forward = functools.partial(checkpoint, torch.compile(inner), use_reentrant=False)
+            block.forward = functools.partial(checkpoint, torch.compile(inner, mode=mode), use_reentrant=False)
 
 
 def attention_backend(backend: str):
