@@ -6,7 +6,8 @@
 
 DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
 model (cosmos_t2i/presets.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
-the same command resumes from the latest one. SIGTERM / Ctrl-C saves a checkpoint at the end of the step and exits.
+the same command resumes from the latest one, also on another number of GPUs (the data continues from the same
+global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step and exits.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from cosmos_t2i import hub, speed
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
-from cosmos_t2i.recipe import apply_defaults, config_differences, linear_decay
+from cosmos_t2i.recipe import (apply_defaults, config_differences, distribution_change_refused, effective_batch,
+                               linear_decay)
 from cosmos_t2i.trainable import build_transformer, load_ema, save_weights, transformer_config
-from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, make_dataloader
+from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.validation import Validator, encode_prompts
 
@@ -176,12 +178,16 @@ def main(args):
                                         distributed_type=str(accelerator.distributed_type))))
     resume = _checkpoint_to_resume(args, output_dir)
     if resume is not None:
-        differing = config_differences(ckpt.read_config(resume), config)
+        saved_config = ckpt.read_config(resume)
+        differing = config_differences(saved_config, config)
         if differing:
-            saved = ckpt.read_config(resume)
-            details = ", ".join(f"{k}: {saved.get(k)!r} there, {config.get(k)!r} now" for k in differing)
+            details = ", ".join(f"{k}: {saved_config.get(k)!r} there, {config.get(k)!r} now" for k in differing)
             raise ValueError(f"Cannot resume {resume}: its run used other settings ({details}). Pass the same flags, "
                              "a new --output_dir, or --resume_from_checkpoint none.")
+        refused = distribution_change_refused(saved_config, config)
+        if refused:
+            raise ValueError(f"Cannot resume {resume}: {refused}")
+        _report_distribution_change(saved_config, config)
     if args.push_to_hub:
         hub.require_token()
 
@@ -237,8 +243,10 @@ def main(args):
 
     iteration, position = 0, 0
     if resume is not None:
-        state = ckpt.load_checkpoint(accelerator, resume, model=transformer, optimizer=optimizer, scheduler=scheduler)
-        iteration, position = state["iteration"], state["data_position"]
+        state = ckpt.load_checkpoint(accelerator, resume, model=transformer, optimizer=optimizer, scheduler=scheduler,
+                                     seed=args.seed)
+        iteration = state["iteration"]
+        position = _continue_data(state["data_position"], saved_config["world_size"], accelerator.num_processes)
         if ema is not None:
             load_ema(ema, resume, args.lora)
         logger.info("Resumed from %s (iteration %d)", resume, iteration)
@@ -266,7 +274,7 @@ def main(args):
     logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
                 args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
                 args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    samples_per_step = effective_batch(config)
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
     nonfinite_in_a_row, step_seconds = 0, []
     with speed.attention_backend(args.attention_backend), StopOnSignal() as stop:
@@ -281,7 +289,8 @@ def main(args):
                     else:
                         x0 = encode_normalized(vae, batch["pixels"])
                     text_embeds = batch["text_embeds"].to(device, text_dtype)
-                    generator = torch.Generator(device).manual_seed(_noise_seed(args.seed, accelerator, position))
+                    generator = torch.Generator(device).manual_seed(_noise_seed(
+                        args.seed, global_batch(position, accelerator.num_processes, accelerator.process_index)))
                     loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
@@ -344,9 +353,35 @@ def _checkpoint_to_resume(args, output_dir: Path) -> Path | None:
     return path
 
 
-def _noise_seed(seed: int, accelerator, position: int) -> int:
-    """Noise of a micro-step as a function of (seed, rank, position): a resumed run draws the same noise."""
-    return int(np.random.SeedSequence([seed, accelerator.process_index, position]).generate_state(1)[0])
+def _report_distribution_change(saved: dict, config: dict) -> None:
+    """Warn when a resume changes the number of processes or the effective batch (both are allowed)."""
+    if saved["world_size"] != config["world_size"]:
+        # The data continues from the same global batch, but processes without a saved RNG state seed a new one and
+        # gradients are summed in another order.
+        logger.warning("Resuming on %d processes a checkpoint saved by %d: from here on the run is not bit-identical "
+                       "to an uninterrupted one.", config["world_size"], saved["world_size"])
+    before, now = effective_batch(saved), effective_batch(config)
+    if before != now:
+        logger.warning("The effective batch changes from %d (%d per process x %d accumulation x %d processes) to %d "
+                       "(%d x %d x %d); the learning rate schedule stays as it was.", before,
+                       saved["train_batch_size"], saved["gradient_accumulation_steps"], saved["world_size"], now,
+                       config["train_batch_size"], config["gradient_accumulation_steps"], config["world_size"])
+
+
+def _continue_data(saved_position: int, saved_processes: int, processes: int) -> int:
+    """This process's data position in the resumed run: the same global batch, on any number of processes."""
+    position, skipped = resumed_position(saved_position, saved_processes, processes)
+    if processes != saved_processes:
+        logger.info("Data position %d per process on %d processes (global batch %d) continues as %d per process "
+                    "on %d; %d global batches skipped by rounding up.", saved_position, saved_processes,
+                    saved_position * saved_processes, position, processes, skipped)
+    return position
+
+
+def _noise_seed(seed: int, batch: int) -> int:
+    """Noise of a micro-step as a function of (seed, global batch index): a resumed run draws the same noise, and
+    a batch gets the same noise whatever the number of processes it is trained on."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
 def _global(norm) -> float | None:

@@ -1,4 +1,5 @@
-"""Training checkpoints in NVIDIA's layout (DESIGN section 5), written atomically, resumed exactly.
+"""Training checkpoints in NVIDIA's layout (DESIGN section 5), written atomically, resumed exactly (or, on
+another number of processes, from the same global batch).
 
     OUTPUT_DIR/checkpoints/iter_000000500/
         model/      diffusers transformer folder (full FT) or pytorch_lora_weights.safetensors (LoRA); EMA in ema/
@@ -108,20 +109,37 @@ def _prune(root: Path, keep: int, current: str) -> None:
             shutil.rmtree(old)
 
 
-def load_checkpoint(accelerator, checkpoint: str | Path, *, model, optimizer, scheduler) -> dict:
+def load_checkpoint(accelerator, checkpoint: str | Path, *, model, optimizer, scheduler, seed: int) -> dict:
     """Restore optimizer, scheduler and this process's RNG from `checkpoint`; return its trainer state.
 
-    The model weights and EMA are read by the caller (they are needed before the model is prepared)."""
+    A process the saving run did not have (a resume on more processes) has no RNG state there: it seeds one from
+    (seed, iteration, rank), so that such a resume is at least repeatable. The model weights and EMA are read by the
+    caller (they are needed before the model is prepared)."""
     checkpoint = Path(checkpoint)
+    state = read_state(checkpoint)
     _load_optimizer(accelerator, model, optimizer, checkpoint / OPTIM)
     scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(checkpoint / TRAINER / f"rng_{accelerator.process_index}.pt", weights_only=False))
-    return read_state(checkpoint)
+    rng = checkpoint / TRAINER / f"rng_{accelerator.process_index}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    else:
+        _seed_rng(seed, state["iteration"], accelerator.process_index)
+    return state
 
 
 # Optimizer state. Without sharding the main process writes one file; FSDP writes a sharded
 # torch.distributed.checkpoint folder through accelerate, and DeepSpeed its own per-rank shards: no rank ever
 # gathers the whole optimizer.
+
+def optimizer_layout(distributed_type: str) -> str:
+    """How optim/ is written under `distributed_type` (str of accelerate's DistributedType). Only the "full" layout,
+    one file of the whole state that the main process writes and every process reads, loads on any number of
+    processes."""
+    for sharded in ("FSDP", "DEEPSPEED"):
+        if distributed_type.endswith(sharded):
+            return sharded
+    return "full"
+
 
 def _save_optimizer(accelerator, model, optimizer, directory: Path) -> None:
     from accelerate.utils import DistributedType, save_fsdp_optimizer
@@ -152,6 +170,13 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def _seed_rng(seed: int, iteration: int, rank: int) -> None:
+    seed = int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator too
 
 
 def _set_rng_state(state: dict) -> None:

@@ -8,6 +8,7 @@ moves a B=0-initialised adapter so little in 1000 steps that it learns almost no
 
 from __future__ import annotations
 
+from .checkpoint import optimizer_layout
 from .presets import Preset
 
 LORA_RANK = 16
@@ -20,6 +21,10 @@ MAY_DIFFER_ON_RESUME = {
     "validation_aspect_ratio", "push_to_hub", "hub_model_id", "dataloader_num_workers", "max_nonfinite_steps",
     "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name",
 }
+# How the run is spread over processes may change too (preemptible clusters give back another GPU count): the
+# trainer converts the data position to the same global batch and reports a changed effective batch. What the
+# optimizer state's layout allows is checked apart (distribution_change_refused).
+ADAPTED_ON_RESUME = {"world_size", "distributed_type", "gradient_accumulation_steps"}
 
 
 def apply_defaults(args, preset: Preset) -> None:
@@ -41,5 +46,36 @@ def linear_decay(max_iter: int, start_factor: float):
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    keys = (saved.keys() | current.keys()) - MAY_DIFFER_ON_RESUME
+    keys = (saved.keys() | current.keys()) - MAY_DIFFER_ON_RESUME - ADAPTED_ON_RESUME
     return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def effective_batch(config: dict) -> int:
+    """Images per optimizer step."""
+    return config["train_batch_size"] * config["gradient_accumulation_steps"] * config["world_size"]
+
+
+_LAYOUTS = {"full": "the full optimizer state (single process / DDP)", "FSDP": "the optimizer state sharded by FSDP",
+            "DEEPSPEED": "the optimizer state in DeepSpeed's ZeRO shards"}
+_START_OVER = "start over with a new --output_dir or --resume_from_checkpoint none"
+
+
+def distribution_change_refused(saved: dict, current: dict) -> str | None:
+    """Why the optimizer state saved under `saved`'s distribution cannot be resumed under `current`'s, or None.
+
+    A single process, DDP and MULTI_CPU all write the full optimizer state, which loads on any number of processes.
+    FSDP and DeepSpeed write it sharded, each in its own layout. torch.distributed.checkpoint, which accelerate's
+    FSDP2 load uses, can reshard, but accelerate runs FSDP on GPUs only and no test here covers that path, so a
+    sharded run resumes on its own number of processes only."""
+    before, now = optimizer_layout(saved["distributed_type"]), optimizer_layout(current["distributed_type"])
+    if before != now:
+        return (f"distributed_type: {saved['distributed_type']} there, {current['distributed_type']} now. The "
+                f"checkpoint holds {_LAYOUTS[before]}, this launch reads {_LAYOUTS[now]}: launch with the same kind of "
+                f"accelerate config as the saving run (single process or DDP: any number of processes), or "
+                f"{_START_OVER}.")
+    if now != "full" and saved["world_size"] != current["world_size"]:
+        return (f"world_size: {saved['world_size']} there, {current['world_size']} now, under {now}. Its optimizer "
+                f"state is sharded per process, and resharding it for another number of processes is not "
+                f"supported (untested: accelerate runs FSDP and DeepSpeed on GPUs only): launch "
+                f"{saved['world_size']} processes again, or {_START_OVER}.")
+    return None

@@ -2,7 +2,8 @@
 
 Every batch holds images of one aspect-ratio bucket, so it stacks without padding. The order of batches is a pure
 function of (seed, position): rank r of W takes the global batches r, r + W, r + 2W, ... of an endless stream of
-epochs, so a resumed run continues from the saved position with no state beyond one integer.
+epochs, so a resumed run continues from the saved position with no state beyond one integer; on another number of
+processes, from the same global batch (resumed_position).
 
 An item carries its T5 embedding trimmed to its real length; `collate` zero-pads it back to [512, D] as NVIDIA's
 training does. With cached latents (embed_captions.py --cache_latents) an item is the latent itself and training
@@ -137,11 +138,29 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         position, cached_epoch, batches = self.start, None, None
         while True:
-            epoch, offset = divmod(position * self.num_replicas + self.rank, self.batches_per_epoch)
+            epoch, offset = divmod(global_batch(position, self.num_replicas, self.rank), self.batches_per_epoch)
             if epoch != cached_epoch:
                 cached_epoch, batches = epoch, self.epoch(epoch)
             yield batches[offset]
             position += 1
+
+
+def global_batch(position: int, num_replicas: int, rank: int) -> int:
+    """The index, in the run's one stream of batches, of the `position`-th batch that rank `rank` of
+    `num_replicas` takes."""
+    return position * num_replicas + rank
+
+
+def resumed_position(position: int, saved_replicas: int, num_replicas: int) -> tuple[int, int]:
+    """Where each of `num_replicas` processes starts when a run saved at `position` by `saved_replicas` processes
+    resumes, and how many global batches that start skips.
+
+    The saving run consumed the first position x saved_replicas global batches. All ranks share one position, so
+    the new one is that count rounded up to whole rounds of num_replicas batches: rounding down would train on
+    some batches twice, rounding up leaves out at most num_replicas - 1 of them."""
+    consumed = position * saved_replicas
+    start = -(-consumed // num_replicas)
+    return start, start * num_replicas - consumed
 
 
 def collate(items: list[dict]) -> dict:
