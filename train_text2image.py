@@ -399,9 +399,10 @@ def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> N
     timed = step_seconds[3:] or step_seconds
     if not timed:
         return
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    logger.info("Throughput: %.3f samples/s, %.1f ms/step over %d steps; peak GPU memory %.1f GiB",
-                samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), peak)
+    memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" \
+        if device.type == "cuda" else ""
+    logger.info("Throughput: %.3f samples/s, %.1f ms/step over %d steps%s",
+                samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), memory)
 
 
 def _deepspeed(accelerator) -> bool:
