@@ -45,6 +45,18 @@ def _sigterm_during_iteration(monkeypatch, iteration):
     monkeypatch.setattr(train_text2image, "diffusion_loss", loss_then_signal)
 
 
+def _count_loss_calls(monkeypatch) -> list:
+    """Each training micro-step appends to the returned list: a resume must run only the steps that are left."""
+    calls, loss = [], train_text2image.diffusion_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_text2image, "diffusion_loss", counted)
+    return calls
+
+
 def _final_tensors(checkpoint, lora):
     if lora:
         return {kind: load_file(str(checkpoint / "model" / sub / "pytorch_lora_weights.safetensors"))
@@ -64,22 +76,28 @@ def test_sigterm_then_resume_equals_straight_run(dataset, tmp_path, monkeypatch,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     assert ckpt.read_state(stopped)["data_position"] == STEPS // 2 * ACCUMULATION
 
-    resumed = train(*_flags(dataset, tmp_path / "resumed", lora))  # the same command again picks it up
+    with monkeypatch.context() as patch:
+        calls = _count_loss_calls(patch)
+        resumed = train(*_flags(dataset, tmp_path / "resumed", lora))  # the same command again picks it up
     assert resumed.name == straight.name
+    assert len(calls) == (STEPS - STEPS // 2) * ACCUMULATION  # it went on from the checkpoint, not from step 0
     expected, got = _final_tensors(straight, lora), _final_tensors(resumed, lora)
     for kind in ("model", "ema"):
         assert expected[kind].keys() == got[kind].keys()
         for name, tensor in expected[kind].items():
             torch.testing.assert_close(got[kind][name], tensor, rtol=0, atol=0, msg=f"{kind} {name}")
-    # The weights did move (a resume that restored nothing would still match an untrained straight run otherwise).
+    # The weights moved after the checkpoint, so matching the straight run is not a matter of nothing happening.
     assert not torch.equal(expected["model"][name], _final_tensors(stopped, lora)["model"][name])
 
 
-def test_resume_from_an_explicit_checkpoint_folder(dataset, tmp_path):
+def test_resume_from_an_explicit_checkpoint_folder(dataset, tmp_path, monkeypatch):
     first = train(*_flags(dataset, tmp_path / "a", False), "--max_iter", 2, "--save_iter", 1)
     earlier = first.parent / ckpt.iter_name(1)
     shutil.copytree(earlier, tmp_path / "copy")
+    calls = _count_loss_calls(monkeypatch)
     again = train(*_flags(dataset, tmp_path / "b", False), "--max_iter", 2, "--save_iter", 1,
                   "--resume_from_checkpoint", tmp_path / "copy")
+    assert len(calls) == ACCUMULATION  # only iteration 2 was trained
+    assert not (tmp_path / "b" / "checkpoints" / ckpt.iter_name(1)).exists()
     for name, tensor in weights(first).items():
         torch.testing.assert_close(weights(again)[name], tensor, rtol=0, atol=1e-6)
