@@ -49,6 +49,8 @@ def test_two_processes_train_save_and_resume(dataset, tmp_path):
     _torchrun(*flags, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
               checkpoints / "iter_000000002")
     resumed = ckpt.latest_checkpoint(tmp_path / "resumed")
+    # It went on from iteration 2: a run that started over would have saved iteration 2 again.
+    assert sorted(p.name for p in resumed.parent.glob("iter_*")) == ["iter_000000004"]
     for ema in (False, True):
         expected = weights(final, ema)
         for name, tensor in weights(resumed, ema).items():
