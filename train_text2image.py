@@ -7,7 +7,7 @@
 DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
 model (cosmos_t2i/presets.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
 the same command resumes from the latest one, also on another number of GPUs (the data continues from the same
-global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step and exits.
+global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from cosmos_t2i import hub, speed
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
-from cosmos_t2i.recipe import (apply_defaults, config_differences, distribution_change_refused, effective_batch,
-                               linear_decay)
+from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
+                               distribution_change_refused, effective_batch, linear_decay)
 from cosmos_t2i.trainable import build_transformer, load_ema, save_weights, transformer_config
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
@@ -120,6 +120,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.lora and (args.rank is not None or args.lora_alpha is not None):
         raise ValueError("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full fine-tune.")
+    if args.lora:  # NVIDIA's LoRA shape for every model, preset or not
+        args.rank = LORA_RANK if args.rank is None else args.rank
+        args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
     if args.synthetic_data:
         if not args.random_init:
             raise ValueError("--synthetic_data trains on noise: only meaningful with --random_init (benchmarks).")
@@ -128,6 +131,8 @@ def parse_args(argv=None):
         raise ValueError("--dataset_dir is required (make one with prepare_dataset.py and embed_captions.py).")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
+    if args.push_to_hub and args.save_iter == 0:
+        raise ValueError("--push_to_hub uploads the final checkpoint's model/, and --save_iter 0 saves none.")
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = 2 if torch.cuda.is_available() else 0
     if args.compile is None:

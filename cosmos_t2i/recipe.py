@@ -2,7 +2,7 @@
 
 Full fine-tune: lr = preset.learning_rate x a factor going linearly from preset.lr_start_factor to 0 over max_iter
 (NVIDIA's LambdaLinearScheduler with no warm-up: peak 5.19e-6 for 2B, 1.73e-5 for 14B).
-LoRA: the same linear decay to 0, from preset.lora_learning_rate (1e-4) at factor 1. NVIDIA's full fine-tune peak
+LoRA: the same linear decay to 0, from preset.lora_learning_rate (1e-4 for 2B/14B) at factor 1. NVIDIA's full fine-tune peak
 moves a B=0-initialised adapter so little in 1000 steps that it learns almost nothing.
 """
 
@@ -35,9 +35,6 @@ def apply_defaults(args, preset: Preset) -> None:
         args.lr_start_factor = 1.0 if args.lora else preset.lr_start_factor
     if args.weight_decay is None:
         args.weight_decay = preset.weight_decay
-    if args.lora:
-        args.rank = LORA_RANK if args.rank is None else args.rank
-        args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
 
 
 def linear_decay(max_iter: int, start_factor: float):

@@ -58,6 +58,14 @@ def test_lora_flags_without_lora(flag):
         train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x", *flag])
 
 
+def test_lora_defaults_hold_for_any_model_and_push_needs_a_saved_checkpoint():
+    args = train_text2image.parse_args(["--model", "some-user/cosmos-finetune", "--lora", "--dataset_dir", "x"])
+    assert (args.rank, args.lora_alpha) == (16, 16)  # NVIDIA's, also for a model that is not a preset
+    with pytest.raises(ValueError, match="--save_iter 0 saves none"):
+        train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x", "--push_to_hub", "--hub_model_id",
+                                     "me/x", "--save_iter", "0"])
+
+
 def test_synthetic_data_needs_random_init():
     with pytest.raises(ValueError, match="--random_init"):
         train_text2image.parse_args(["--model", "2B", "--synthetic_data", "768x1360"])
