@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import hub, speed
+from cosmos_t2i.embedding import load_vae
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
@@ -221,10 +222,7 @@ def main(args):
                               args.validation_guidance_scale, args.seed, output_dir)
     vae = None
     if not data.cached_latents:
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=weight_dtype).to(device)
-        vae.requires_grad_(False).eval()
+        vae = load_vae(model_path, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
     transformer = build_transformer(model_path, arch, random_init=args.random_init, lora=args.lora,

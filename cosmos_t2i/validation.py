@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .embedding import load_text_encoder
 from .text_encoding import encode_captions, pad_embedding
 
 
 def encode_prompts(model_path: str, prompts: list[str], device, dtype) -> torch.Tensor:
     """[P, 512, D] padded T5 embeddings of `prompts`, on the CPU; the encoder is gone when this returns."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
-    text_encoder = T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype).to(device)
+    tokenizer, text_encoder = load_text_encoder(model_path, device, dtype)
     embeddings = encode_captions(tokenizer, text_encoder, prompts)
     padded = torch.stack([pad_embedding(e) for e in embeddings]).cpu()
     del text_encoder
