@@ -46,9 +46,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if not (root / LATEST).is_file():
         return None
     path = root / (root / LATEST).read_text().strip()
+    if not path.exists() and _replaced(path).is_dir():  # a crash while the same iteration was being saved again
+        path = _replaced(path)
     if not (path / TRAINER / STATE).is_file():
         raise FileNotFoundError(f"{root / LATEST} names {path.name}, which is missing or incomplete.")
     return path
+
+
+def _replaced(final: Path) -> Path:
+    return final.with_name(f".{final.name}.replaced")
 
 
 def read_config(checkpoint: str | Path) -> dict:
@@ -92,10 +98,13 @@ def save_checkpoint(accelerator, output_dir, iteration: int, *, save_model, mode
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        if final.exists():  # the same iteration saved again (a rerun of a finished job)
-            shutil.rmtree(final)
+        replaced = _replaced(final)
+        if final.exists():  # the same iteration saved again (a rerun of a finished job): the old copy is moved
+            shutil.rmtree(replaced, ignore_errors=True)  # aside, where latest_checkpoint() finds it after a crash
+            os.replace(final, replaced)
         os.replace(staging, final)
         _write_atomic(root / LATEST, final.name + "\n")
+        shutil.rmtree(replaced, ignore_errors=True)
         if total_limit:
             _prune(root, keep=total_limit, current=final.name)
     accelerator.wait_for_everyone()

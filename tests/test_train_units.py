@@ -2,6 +2,7 @@
 model card."""
 
 import json
+import os
 import math
 from types import SimpleNamespace
 
@@ -147,6 +148,27 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     _save(tmp_path, 3)  # the next save clears the leftover
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "iter_000000001", "iter_000000003", "latest_checkpoint.txt"]
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["before-first-rename", "after-first-rename"])
+def test_saving_the_same_iteration_again_never_leaves_latest_naming_nothing(tmp_path, monkeypatch, moved):
+    _save(tmp_path, 1, save_model=lambda d: (d.mkdir(), (d / "weights").write_text("old")))
+    real_replace = os.replace
+
+    def killed(src, dst):  # the process dies at the first rename of the finished checkpoint
+        if moved:
+            real_replace(src, dst)
+        raise OSError("killed")
+
+    monkeypatch.setattr(ckpt.os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        _save(tmp_path, 1, save_model=lambda d: (d.mkdir(), (d / "weights").write_text("new")))
+    monkeypatch.undo()
+    survivor = ckpt.latest_checkpoint(tmp_path)  # still the complete old copy, wherever it is
+    assert (survivor / "model" / "weights").read_text() == "old"
+    again = _save(tmp_path, 1)  # a rerun puts the new one in place and tidies up
+    assert again.name == "iter_000000001" and ckpt.latest_checkpoint(tmp_path) == again
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000000001", "latest_checkpoint.txt"]
 
 
 def test_model_card_and_upload_folder(tmp_path):
