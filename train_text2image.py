@@ -456,14 +456,18 @@ class StopOnSignal:
 
 def _push(args, config: dict, preset, data, checkpoint: Path) -> None:
     """Upload the final model/ with a model card and the final validation images."""
-    images = sorted((Path(args.output_dir) / "validation").glob(f"{checkpoint.name}_*.jpg"))
-    card_images = [(f"images/{p.name}", prompt) for p, prompt in zip(images, args.validation_prompt or [])]
+    # Named as Validator.save names them: prompt k's image is <iter>_<k>.jpg (a sorted glob would put _10 before _2).
+    validation_dir = Path(args.output_dir) / "validation"
+    pairs = [(validation_dir / f"{checkpoint.name}_{k}.jpg", prompt)
+             for k, prompt in enumerate(args.validation_prompt or [])]
+    pairs = [(path, prompt) for path, prompt in pairs if path.is_file()]
+    card_images = [(f"images/{path.name}", prompt) for path, prompt in pairs]
     card = hub.model_card(
         repo_id=args.hub_model_id, base_model=preset.hub_id if preset and preset.hub_id else args.model,
         lora=args.lora, instance_prompt=data.instance_prompt(), recipe=recipe_summary(config), images=card_images,
     )
     folder = hub.prepare_upload(checkpoint / ckpt.MODEL, Path(args.output_dir) / "hub_upload", card,
-                                {name: path for (name, _), path in zip(card_images, images)})
+                                {f"images/{path.name}": path for path, _ in pairs})
     logger.info("Uploaded %s to https://huggingface.co/%s", folder, hub.push(folder, args.hub_model_id))
 
 
