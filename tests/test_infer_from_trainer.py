@@ -20,7 +20,9 @@ def runs(tiny_model_dir, tmp_path_factory):
     common = ["--model", "tiny", "--random_init", "--synthetic_data", "48x96", "--max_iter", "2", "--save_iter", "2",
               "--report_to", "none", "--mixed_precision", "no", "--dataloader_num_workers", "0"]
     train(*common, "--output_dir", root / "full")
-    train(*common, "--lora", "--output_dir", root / "lora")
+    # Enough steps and lr for the adapter (B = 0 at the start) to change the images visibly.
+    train(*common, "--lora", "--learning_rate", "3e-2", "--max_iter", "10", "--save_iter", "10",
+          "--output_dir", root / "lora")
     return root
 
 
@@ -47,10 +49,18 @@ def test_full_fine_tune_with_ema(tiny_model_dir, runs, tmp_path):
     assert np.array_equal(generate(tmp_path, "pt.png", "--model", "tiny", "--dit_path", str(pt), "--load_ema"), ema)
 
 
-def test_lora(runs, tmp_path):
-    iter_dir = runs / "lora" / "checkpoints" / "iter_000000002"
-    generate(tmp_path, "lora.png", "--lora", str(iter_dir), "--model", "tiny")
-    generate(tmp_path, "lora_ema.png", "--dit_path", str(iter_dir), "--load_ema")
+def test_lora(tiny_model_dir, runs, tmp_path):
+    from diffusers import CosmosTransformer3DModel
+
+    iter_dir = runs / "lora" / "checkpoints" / "iter_000000010"
+    ours = {"": generate(tmp_path, "lora.png", "--lora", str(iter_dir), "--model", "tiny"),
+            "ema": generate(tmp_path, "lora_ema.png", "--dit_path", str(iter_dir), "--load_ema")}
+    for sub, image in ours.items():  # what a user gets loading the adapter with diffusers' own API
+        transformer = CosmosTransformer3DModel.from_pretrained(tiny_model_dir / "transformer")
+        transformer.load_lora_adapter(str(iter_dir / "model" / sub), weight_name="pytorch_lora_weights.safetensors",
+                                      prefix="transformer")
+        assert np.abs(image.astype(int) - stock_image(tiny_model_dir, transformer)).max() <= 1, sub
+        assert np.abs(image.astype(int) - stock_image(tiny_model_dir)).mean() > 0.5, sub  # the adapter acts
     export_checkpoint.main(export_checkpoint.parse_args(
         ["comfyui", "--lora", str(iter_dir), "--output", str(tmp_path / "comfy.safetensors")]))
     comfy = load_file(tmp_path / "comfy.safetensors")
