@@ -22,9 +22,8 @@ from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
-from cosmos_t2i.pipeline import load_model_transformer, load_transformer
+from cosmos_t2i.pipeline import DTYPES, load_model_transformer, load_transformer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv=None):

@@ -26,12 +26,11 @@ import torch
 from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
-from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
+from cosmos_t2i.pipeline import DTYPES, NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i import speed
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
 from cosmos_t2i.sampling import generate
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
 UNSAFE_TEXT = "Cosmos Guardrail detected unsafe text"  # the pipeline's ValueError for a prompt the guardrail refuses
 COMPILE_AUTO_MIN_IMAGES = 4  # below this, compiling (~1 min) costs more than it saves (~4 s/image for 2B)

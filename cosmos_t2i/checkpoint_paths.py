@@ -12,10 +12,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from . import checkpoint as ckpt
+from .lora import WEIGHT_NAME as LORA_WEIGHT_NAME
 from .presets import PRESETS
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LATEST = "latest_checkpoint.txt"
 
 
 class NoEMAError(ValueError):
@@ -77,10 +76,8 @@ def resolve_checkpoint(source: str, load_ema: bool = False) -> Checkpoint:
 
 def _follow_latest(path: Path) -> Path:
     """OUTPUT_DIR or OUTPUT_DIR/checkpoints -> the iteration folder that latest_checkpoint.txt names."""
-    for checkpoints in (path, path / "checkpoints"):
-        if (checkpoints / LATEST).is_file():
-            return checkpoints / (checkpoints / LATEST).read_text().strip()
-    return path
+    output_dir = path.parent if path.name == ckpt.CHECKPOINTS else path
+    return ckpt.latest_checkpoint(output_dir) or path
 
 
 def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:

@@ -14,6 +14,9 @@ from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture, m
 from .presets import preset_for, resolve_model_path
 
 
+# --dtype of the inference and export scripts.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 class NoGuardrail:
     """Stand-in safety checker that lets everything through.
 

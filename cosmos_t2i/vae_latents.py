@@ -1,7 +1,7 @@
 """Wan 2.1 VAE latents in the normalization Cosmos-Predict2 trains and samples with.
 
 Training target: the posterior mean, normalized per channel, (mu - latents_mean) / latents_std, with sigma_data = 1.
-`Cosmos2TextToImagePipeline` undoes exactly this before decoding (latents * std + mean).
+`Cosmos2TextToImagePipeline` undoes exactly this before decoding (latents * std + mean; see sampling.decode_images).
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def latent_stats(vae, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_stats(vae, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std from the VAE config, shaped [1, C, 1, 1, 1] for broadcasting over [B, C, T, H, W]."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=dtype).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=device, dtype=dtype).view(shape)
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=torch.float32).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=device, dtype=torch.float32).view(shape)
     return mean, std
 
 
@@ -23,11 +23,3 @@ def encode_normalized(vae, pixels: torch.Tensor) -> torch.Tensor:
     posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
     mean, std = latent_stats(vae, device=vae.device)
     return (posterior.mean.float() - mean) / std
-
-
-@torch.no_grad()
-def decode_normalized(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Normalized latents -> pixels [B, 3, 1, H, W] in [-1, 1] (float32)."""
-    mean, std = latent_stats(vae, device=vae.device)
-    raw = latents.to(device=vae.device, dtype=torch.float32) * std + mean
-    return vae.decode(raw.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)

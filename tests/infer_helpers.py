@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cosmos_t2i.lora import TARGET_MODULES
+
 PROMPT = "An image of sks teal robot."
 
 
@@ -33,7 +35,6 @@ def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspec
                  generator=torch.Generator().manual_seed(seed), **negative).images[0]
     return np.asarray(image)
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]  # NVIDIA's, in diffusers' names
 
 
 def tiny_transformer(**overrides):
@@ -49,7 +50,8 @@ def _iteration_dir(output_dir: Path, iteration: int, model: str) -> Path:
     name = f"iter_{iteration:09d}"
     iter_dir = Path(output_dir) / "checkpoints" / name
     (iter_dir / "trainer").mkdir(parents=True)
-    (iter_dir / "trainer" / "config.json").write_text(json.dumps({"model": model, "iteration": iteration}))
+    (iter_dir / "trainer" / "config.json").write_text(json.dumps({"model": model}))
+    (iter_dir / "trainer" / "state.json").write_text(json.dumps({"iteration": iteration, "data_position": iteration}))
     (Path(output_dir) / "checkpoints" / "latest_checkpoint.txt").write_text(name)
     return iter_dir
 
@@ -78,7 +80,7 @@ def lora_transformer(rank: int = 4, alpha: float = 8.0, seed: int = 0, **overrid
     from peft import LoraConfig
 
     transformer = tiny_transformer(**overrides)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, init_lora_weights=False)
     torch.manual_seed(seed)
     transformer.add_adapter(config)
     return transformer
