@@ -349,10 +349,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> None:
+def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder unless asked to."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a folder.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty. Pass {flag} to replace it, or choose another folder.")
+        raise FileExistsError(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")
