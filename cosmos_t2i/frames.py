@@ -333,10 +333,17 @@ def staged_folder(target: str | os.PathLike):
 
 
 def _remove_stale_staging(target: Path) -> None:
-    for path in target.parent.glob(f".{target.name}.partial-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    """Clear what a run that died left behind: its staging folder, and the previous `target` it had moved aside
+    (put back in place if the run died before its replacement arrived)."""
+    for kind in ("partial", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(path, target)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

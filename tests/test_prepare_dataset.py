@@ -139,3 +139,20 @@ def test_output_names_do_not_collide():
     stems = frames.output_stems([Path("a.mp4"), Path("a.mov"), Path("a.jpg"), Path("b.jpg"), Path("b.jpeg")])
     assert stems == {Path("a.mp4"): "a_mp4", Path("a.mov"): "a_mov", Path("a.jpg"): "a", Path("b.jpg"): "b_jpg",
                      Path("b.jpeg"): "b_jpeg"}
+
+
+def test_a_run_that_died_mid_swap_gets_its_previous_output_back(tmp_path):
+    """A run killed between moving the old output aside and renaming the new one in: the next run puts the
+    complete old output back (never losing it) and clears the dead run's staging folder."""
+    from cosmos_t2i.frames import staged_folder
+
+    target = tmp_path / "dataset"
+    dead_pid = 2**22 + 12345  # above Linux's default pid_max: no such process
+    (tmp_path / f".dataset.old-{dead_pid}").mkdir()
+    (tmp_path / f".dataset.old-{dead_pid}" / "metadata.jsonl").write_text("previous\n")
+    (tmp_path / f".dataset.partial-{dead_pid}").mkdir()
+    with pytest.raises(RuntimeError):
+        with staged_folder(target):
+            raise RuntimeError("this run fails too")
+    assert (target / "metadata.jsonl").read_text() == "previous\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
