@@ -22,7 +22,8 @@ from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
-from cosmos_t2i.pipeline import DTYPES, load_model_transformer, load_transformer
+from cosmos_t2i.pipeline import DTYPES, load_transformer
+from cosmos_t2i.presets import load_model_transformer
 
 
 

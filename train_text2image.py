@@ -32,10 +32,10 @@ from cosmos_t2i import hub, speed
 from cosmos_t2i.embedding import load_vae
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
-from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
+from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path, transformer_config
 from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
                                distribution_change_refused, effective_batch, linear_decay)
-from cosmos_t2i.trainable import build_transformer, load_ema, save_weights, transformer_config
+from cosmos_t2i.trainable import build_transformer, load_ema, save_weights
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.validation import Validator, encode_prompts
@@ -197,7 +197,7 @@ def main(args):
     if args.push_to_hub:
         hub.require_token()
 
-    arch = transformer_config(model_path, preset, args.random_init)
+    arch = transformer_config(args.model)
     if args.synthetic_data:
         data = SyntheticLatents(*args.synthetic_data, embedding_dim=arch["text_embed_dim"])
     else:

@@ -127,19 +127,3 @@ def check_same_architecture(checkpoint_config: dict, model_config: dict, model: 
     hint = preset_name_for(checkpoint_config)
     raise ValueError(f"checkpoint is {describe_architecture(checkpoint_config)}, --model is {model_desc}"
                      + (f": pass --model {hint}." if hint else "."))
-
-
-def model_transformer_config(model: str) -> dict:
-    """The transformer config `--model` stands for, without downloading weights (2B/14B: known locally)."""
-    preset = PRESETS.get(model)
-    if preset is not None and preset.hub_id is not None:
-        return dict(preset.transformer_config)
-    from diffusers import CosmosTransformer3DModel
-
-    from .hub_errors import explain_hub_errors
-    from .presets import resolve_model_path
-
-    path = resolve_model_path(model)
-    with explain_hub_errors(path):
-        return dict(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
-

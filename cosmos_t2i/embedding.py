@@ -50,7 +50,7 @@ def load_vae(model_path: str, device, dtype):
     from diffusers import AutoencoderKLWan
 
     with explain_hub_errors(model_path):
-        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=dtype)
     return vae.to(device).eval()
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture, model_transformer_config
-from .presets import preset_for, resolve_model_path
+from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture
+from .presets import preset_for, resolve_model_path, transformer_config
 
 
 # --dtype of the inference and export scripts.
@@ -99,17 +99,6 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def load_model_transformer(model: str, dtype: torch.dtype = torch.bfloat16):
-    """`--model`'s own transformer, without the rest of the pipeline."""
-    from diffusers import CosmosTransformer3DModel
-
-    from .hub_errors import explain_hub_errors
-
-    path = resolve_model_path(model)
-    with explain_hub_errors(path):
-        return CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)
-
-
 def load_transformer(
     model: str,
     checkpoint: Checkpoint | None,
@@ -128,7 +117,7 @@ def load_transformer(
 
     if checkpoint is None or checkpoint.kind == "lora":
         return None
-    model_config = model_transformer_config(model)
+    model_config = transformer_config(model)
     if checkpoint.kind == "full":
         check_same_architecture(CosmosTransformer3DModel.load_config(checkpoint.path), model_config, model)
         return CosmosTransformer3DModel.from_pretrained(checkpoint.path, dtype=dtype)

@@ -157,6 +157,31 @@ def resolve_model_path(model: str) -> str:
     raise ValueError(f"Unknown model {model!r}: use 2B, 14B, tiny, a local pipeline folder, or a hub id.")
 
 
+def transformer_config(model: str) -> dict:
+    """The transformer config `--model` stands for, without downloading weights (2B/14B: known locally)."""
+    preset = PRESETS.get(model)
+    if preset is not None and preset.hub_id is not None:
+        return dict(preset.transformer_config)
+    from diffusers import CosmosTransformer3DModel
+
+    from .hub_errors import explain_hub_errors
+
+    path = resolve_model_path(model)
+    with explain_hub_errors(path):
+        return dict(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
+
+
+def load_model_transformer(model: str, dtype):
+    """`--model`'s own transformer with its trained weights, without the rest of the pipeline."""
+    from diffusers import CosmosTransformer3DModel
+
+    from .hub_errors import explain_hub_errors
+
+    path = resolve_model_path(model)
+    with explain_hub_errors(path):
+        return CosmosTransformer3DModel.from_pretrained(path, subfolder="transformer", dtype=dtype)
+
+
 def build_tiny_tokenizer():
     """A small T5 tokenizer trained here on a fixed corpus: same special tokens and `</s>` handling as T5's."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

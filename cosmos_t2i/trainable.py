@@ -12,19 +12,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .ema import PowerEMA
-from .hub_errors import explain_hub_errors
 from .lora import lora_config, read_lora, save_lora
-from .presets import Preset
-
-
-def transformer_config(model_path: str, preset: Preset | None, random_init: bool) -> dict:
-    """The architecture, read without loading any weights (--random_init needs no download for 2B/14B)."""
-    from diffusers import CosmosTransformer3DModel
-
-    if random_init and preset is not None:
-        return dict(preset.transformer_config)
-    with explain_hub_errors(model_path):
-        return dict(CosmosTransformer3DModel.load_config(model_path, subfolder="transformer"))
+from .presets import load_model_transformer
 
 
 def build_transformer(model_path: str, config: dict, *, random_init: bool, lora: bool, rank: int | None,
@@ -35,14 +24,12 @@ def build_transformer(model_path: str, config: dict, *, random_init: bool, lora:
 
     dtype = frozen_dtype if lora else torch.float32
     if checkpoint is not None and not lora:
-        transformer = CosmosTransformer3DModel.from_pretrained(checkpoint / ckpt.MODEL, torch_dtype=dtype)
+        transformer = CosmosTransformer3DModel.from_pretrained(checkpoint / ckpt.MODEL, dtype=dtype)
     elif random_init:
         with torch.device(device):
             transformer = CosmosTransformer3DModel.from_config(config).to(dtype)
     else:
-        with explain_hub_errors(model_path):
-            transformer = CosmosTransformer3DModel.from_pretrained(model_path, subfolder="transformer",
-                                                                   torch_dtype=dtype)
+        transformer = load_model_transformer(model_path, dtype)
     if lora:
         transformer.requires_grad_(False)
         transformer.add_adapter(lora_config(rank, alpha))
