@@ -10,7 +10,6 @@ train_text2image.py builds it. Runs on the CPU: compare with the GPU's training 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cosmos_t2i import dataset_format as fmt  # noqa: E402
+from cosmos_t2i import embedding  # noqa: E402
 from cosmos_t2i.presets import ASPECT_RATIOS  # noqa: E402
 from cosmos_t2i.training_data import EmbeddedImages, make_dataloader  # noqa: E402
 
@@ -29,13 +29,9 @@ def write_dataset(root: Path, rows: int) -> Path:
 
     rng = np.random.default_rng(0)
     shape = [16, 1, 96, 170]
-    features = datasets.Features({
-        fmt.TEXT_COLUMN: datasets.Value("string"),
-        fmt.T5_COLUMN: datasets.Array2D(shape=(None, 1024), dtype="float16"),
-        fmt.LATENTS_COLUMN: datasets.Value("binary"),
-        fmt.LATENTS_SHAPE_COLUMN: datasets.Sequence(datasets.Value("int32")),
-        fmt.BUCKET_COLUMN: datasets.Value("string"),
-    })
+    # The column types embed_captions.py writes.
+    features = datasets.Features({fmt.TEXT_COLUMN: datasets.Value("string"), **embedding.t5_features(1024),
+                                  **embedding.latent_features()})
     data = datasets.Dataset.from_generator(lambda: ({
         fmt.TEXT_COLUMN: "An image of sks teal robot.",
         fmt.T5_COLUMN: rng.standard_normal((20, 1024)).astype(np.float16),
@@ -45,7 +41,7 @@ def write_dataset(root: Path, rows: int) -> Path:
     } for _ in range(rows)), features=features)
     out = fmt.embedded_dir(root)
     data.save_to_disk(str(out))
-    (out / fmt.INFO_FILE).write_text(json.dumps({"model": "2B", "text_embed_dim": 1024}))
+    embedding.write_info(out, {"model": "2B", "text_embed_dim": 1024})
     return root
 
 

@@ -99,10 +99,20 @@ def image_stems(dataset) -> list[str]:
     return [Path(item["path"]).stem for item in raw[fmt.IMAGE_COLUMN]]
 
 
-def _t5_features(dim: int):
+def t5_features(dim: int):
     import datasets
 
     return datasets.Features({fmt.T5_COLUMN: datasets.Array2D(shape=(None, dim), dtype="float16")})
+
+
+def latent_features():
+    import datasets
+
+    return datasets.Features({
+        fmt.LATENTS_COLUMN: datasets.Value("binary"),
+        fmt.LATENTS_SHAPE_COLUMN: datasets.List(datasets.Value("int32")),
+        fmt.BUCKET_COLUMN: datasets.Value("string"),
+    })
 
 
 def _to_float16(embedding: torch.Tensor, what: str) -> np.ndarray:
@@ -126,7 +136,7 @@ def encoded_t5_rows(captions: list[str], tokenizer, text_encoder, batch_size: in
     # new_fingerprint: without it `datasets` would hash the closure, i.e. pickle the whole T5 encoder.
     table = datasets.Dataset.from_dict({fmt.TEXT_COLUMN: unique}).map(
         encode, batched=True, batch_size=batch_size, remove_columns=[fmt.TEXT_COLUMN],
-        features=_t5_features(text_encoder.config.d_model), cache_file_name=str(cache_file),
+        features=t5_features(text_encoder.config.d_model), cache_file_name=str(cache_file),
         load_from_cache_file=False, new_fingerprint="t5-unique", desc=f"T5 ({len(unique)} distinct captions)",
     )
     return table.select([position[caption] for caption in captions]), len(unique)
@@ -135,8 +145,6 @@ def encoded_t5_rows(captions: list[str], tokenizer, text_encoder, batch_size: in
 def latent_rows(dataset, vae, resolutions: dict, batch_size: int, cache_file: str | Path):
     """Columns latents (float16 bytes), latents_shape, bucket for every row: the normalized VAE posterior mean of
     the image resized and center-cropped to its nearest bucket (exactly what training would compute)."""
-    import datasets
-
     from .buckets import bucket_pixels
     from .vae_latents import encode_normalized
 
@@ -155,13 +163,8 @@ def latent_rows(dataset, vae, resolutions: dict, batch_size: int, cache_file: st
                 fmt.LATENTS_SHAPE_COLUMN: [list(a.shape) for a in latents],
                 fmt.BUCKET_COLUMN: keys}
 
-    features = datasets.Features({
-        fmt.LATENTS_COLUMN: datasets.Value("binary"),
-        fmt.LATENTS_SHAPE_COLUMN: datasets.List(datasets.Value("int32")),
-        fmt.BUCKET_COLUMN: datasets.Value("string"),
-    })
     return dataset.select_columns([fmt.IMAGE_COLUMN]).map(
-        encode, batched=True, batch_size=batch_size, remove_columns=[fmt.IMAGE_COLUMN], features=features,
+        encode, batched=True, batch_size=batch_size, remove_columns=[fmt.IMAGE_COLUMN], features=latent_features(),
         cache_file_name=str(cache_file), load_from_cache_file=False, new_fingerprint="vae-latents",
         writer_batch_size=max(batch_size, 64), desc="VAE latents",
     )
@@ -266,7 +269,7 @@ def nvidia_t5_rows(pickles: list[Path], cache_file: str | Path):
         return {fmt.T5_COLUMN: arrays}
 
     return datasets.Dataset.from_dict({"pickle": [str(p) for p in pickles]}).map(
-        load, batched=True, batch_size=64, remove_columns=["pickle"], features=_t5_features(dim),
+        load, batched=True, batch_size=64, remove_columns=["pickle"], features=t5_features(dim),
         cache_file_name=str(cache_file), load_from_cache_file=False, new_fingerprint="t5-nvidia",
         desc="Importing t5_xxl pickles",
     ), dim
