@@ -24,8 +24,8 @@ def compile_transformer_blocks(transformer, mode: str | None = None) -> None:
     code object, so dynamo compiles it once per input shape and reuses it for all blocks.
     """
     # Five buckets x (train, eval) shapes fit well inside a larger recompile budget than the default 8. Without
-    # automatic dynamic shapes every bucket gets its own static graph: measured on the H100, a graph made dynamic
-    # by a second batch size ran 2B training ~25% slower (BENCHMARKS.md).
+    # automatic dynamic shapes every bucket gets its own static graph (a second shape would otherwise turn the
+    # block's graph into a dynamic-shape one; with static graphs, batch 3 and 4 ran faster than batch 2 on the H100).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     torch._dynamo.config.automatic_dynamic_shapes = False
     for block in transformer.transformer_blocks:
