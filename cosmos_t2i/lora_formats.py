@@ -20,11 +20,12 @@ import warnings
 
 import torch
 
+from .lora import PREFIX as LORA_PREFIX
 from .checkpoint_paths import Checkpoint, describe_architecture
 from .nvidia_format import diffusers_to_nvidia_module
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-PREFIX = "transformer."
+PREFIX = f"{LORA_PREFIX}."  # our (diffusers') LoRA keys: "transformer.<module>.lora_A.weight"
 COMFYUI_PREFIX = "diffusion_model."
 
 
