@@ -3,6 +3,7 @@
 Random-initialised transformer of the real 2B/14B config and a random Wan 2.1 VAE (default config), bf16,
 35 steps with CFG (guidance 4), VAE decode included, T5 excluded (random prompt embeddings, zero negative as
 NVIDIA). Every variant starts from the same noise; its latents are compared with the stock pipeline's.
+`decode_s` is the last image's VAE decode + guardrail-format post-processing, part of `s_per_image`.
 
     python benchmarks/bench_infer.py --model 2B --out results/infer_2b.md
 """
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import Timer, device_name, forward_flops_per_sample, free_memory, peak_gib, reset_peak_memory, write_table  # noqa: E402
-from cosmos_t2i import speed  # noqa: E402
+from cosmos_t2i import fp8, speed  # noqa: E402
 from cosmos_t2i.pipeline import NoGuardrail  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
 from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
@@ -30,12 +31,16 @@ class Variant:
     stock: bool = False  # the unmodified Cosmos2TextToImagePipeline.__call__
     batched_cfg: bool = False
     compile: bool = False
+    single_frame_vae: bool = False  # speed.single_frame_vae_convs
+    fp8: bool = False  # fp8.quantize_transformer_blocks: changes the numbers, opt-in
 
 
 VARIANTS = [
     Variant("plain: stock pipeline (eager, SDPA, CFG as 2 calls)", stock=True),
     Variant("batched CFG", batched_cfg=True),
     Variant("batched CFG + compiled blocks", batched_cfg=True, compile=True),
+    Variant("batched CFG + compiled blocks + 2D VAE convs", batched_cfg=True, compile=True, single_frame_vae=True),
+    Variant("same + fp8 matmuls (opt-in)", batched_cfg=True, compile=True, single_frame_vae=True, fp8=True),
 ]
 
 
@@ -78,8 +83,9 @@ def generate(pipe, variant: Variant, args, prompt, negative, num_steps: int):
     else:
         latents = sample_latents(pipe, prompt, negative, generator=generator, batched_cfg=variant.batched_cfg,
                                  **kwargs)
-    decode_images(pipe, latents)  # the stock path decodes the same way; kept out of its call to return latents
-    return latents
+    with Timer() as decode:  # the stock path decodes the same way; kept out of its call to return latents
+        decode_images(pipe, latents)
+    return latents, decode.seconds
 
 
 def main(argv=None):
@@ -98,7 +104,7 @@ def main(argv=None):
         print(f"--- {variant}", flush=True)
         torch._dynamo.reset()  # compiled graphs are reused across model instances: each variant compiles its own
         rows.append(run_variant(args, variant, device, prompt, negative, flops_per_image))
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "latents"}, flush=True)
     reference = rows[0].pop("latents")
     for row in rows:
         latents = row.pop("latents", reference)
@@ -106,23 +112,27 @@ def main(argv=None):
         row["speedup"] = f"{rows[0]['s_per_image'] / row['s_per_image']:.2f}x"
     header = (f"### {args.model} sampling, {args.width}x{args.height}, {args.num_steps} steps, CFG {args.guidance}, "
               f"VAE decode included, {device_name()}, torch {torch.__version__}")
-    columns = ["variant", "s_per_image", "speedup", "tflops", "mfu", "peak_gib", "latent_rel_err_vs_plain"]
+    columns = ["variant", "s_per_image", "decode_s", "speedup", "tflops", "mfu", "peak_gib", "latent_rel_err_vs_plain"]
     write_table(rows, columns, header, args.out)
 
 
 def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dict:
     pipe = build_pipeline(args.model, device)
     pipe.set_progress_bar_config(disable=True)
+    if variant.fp8:
+        fp8.quantize_transformer_blocks(pipe.transformer)
+    if variant.single_frame_vae:
+        speed.single_frame_vae_convs(pipe.vae)
     if variant.compile:
         speed.compile_transformer_blocks(pipe.transformer)
     generate(pipe, variant, args, prompt, negative, num_steps=2)  # warm-up: compilation, cuDNN plans
     reset_peak_memory()
     with Timer() as timer:
         for _ in range(args.runs):
-            latents = generate(pipe, variant, args, prompt, negative, args.num_steps)
+            latents, decode_seconds = generate(pipe, variant, args, prompt, negative, args.num_steps)
     seconds = timer.seconds / args.runs
     row = dict(
-        variant=variant.name, s_per_image=seconds, tflops=flops_per_image / seconds / 1e12,
+        variant=variant.name, s_per_image=seconds, decode_s=decode_seconds, tflops=flops_per_image / seconds / 1e12,
         mfu=f"{100 * flops_per_image / seconds / 1e12 / args.peak_tflops:.1f}%", peak_gib=peak_gib(),
         latents=latents.float().cpu(),
     )

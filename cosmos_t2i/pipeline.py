@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture
 from .presets import preset_for, resolve_model_path, transformer_config
+from .speed import single_frame_vae_convs
 
 
 # --dtype of the inference and export scripts.
@@ -78,11 +79,13 @@ def load_pipeline(
     disable_guardrail: bool = False,
     offload_guardrail: bool = False,
     load_text_encoder: bool = True,
+    stock_vae: bool = False,
 ):
     """The stock diffusers pipeline for `--model` (2B, 14B, tiny, a folder or a hub id), on `device`.
 
     `transformer` replaces the model's own (a fine-tuned one); `load_text_encoder=False` skips T5 when the caller
-    passes `prompt_embeds` itself (training's validation).
+    passes `prompt_embeds` itself (training's validation). Unless `stock_vae`, the VAE's causal 3D convolutions run
+    as 2D ones on single frames (speed.single_frame_vae_convs: same sums, 1.4x faster decoding).
     """
     from diffusers import Cosmos2TextToImagePipeline
 
@@ -96,6 +99,8 @@ def load_pipeline(
         components.update(text_encoder=None, tokenizer=None)
     with explain_hub_errors(path):
         pipe = Cosmos2TextToImagePipeline.from_pretrained(path, dtype=dtype, **components)
+    if not stock_vae:
+        single_frame_vae_convs(pipe.vae)
     return pipe.to(device)
 
 

@@ -73,3 +73,31 @@ def checkpoint_blocks(transformer, fraction: float) -> int:
         block._forward_under_checkpoint = block.forward
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return count
+
+
+def single_frame_vae_convs(vae) -> int:
+    """Run the Wan VAE's causal 3D convolutions as 2D ones on single-frame inputs (images); returns how many.
+
+    On the first (here: only) frame a causal conv pads the time axis with kernel_t - 1 frames of zeros, so a
+    3x3x3 conv spends two thirds of its work multiplying zeros. Only the kernel's last time slice meets the real
+    frame: a 2D conv with that slice gives the same sums without the zero products. Inputs with more frames or a
+    feature cache (videos) take the original path. Encoding (embed_captions.py) and decoding both benefit.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    count = 0
+    for module in vae.modules():
+        if isinstance(module, WanCausalConv3d):
+            module.forward = functools.partial(_causal_conv_single_frame, module, module.forward)
+            count += 1
+    return count
+
+
+def _causal_conv_single_frame(conv, conv3d_forward, x, cache_x=None):
+    zero_padded_frames = conv._padding[4]
+    if cache_x is not None or x.shape[2] != 1 or zero_padded_frames != conv.kernel_size[0] - 1 or conv.stride[0] != 1:
+        return conv3d_forward(x, cache_x)
+    pad_w, pad_h = conv._padding[0], conv._padding[2]  # symmetric in space
+    out = torch.nn.functional.conv2d(x[:, :, 0], conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:],
+                                     padding=(pad_h, pad_w), dilation=conv.dilation[1:])
+    return out.unsqueeze(2)

@@ -1,0 +1,107 @@
+"""fp8 matmuls for sampling: the transformer blocks' token-wise linear layers run on fp8 tensor cores.
+
+An opt-in speed lever that changes the numbers (unlike cosmos_t2i/speed.py): weights are quantized once to
+float8 e4m3 with one scale per output channel, activations on the fly with one scale per token, and
+`torch._scaled_mm` multiplies them with the scales applied in its epilogue (bf16 out). That is the "rowwise"
+recipe, the more accurate of the two common ones. The adaLN modulation layers (one row per image, negligible
+FLOPs, and they scale every activation) and everything outside the blocks stay bf16. How far the result moves
+from bf16 is measured in benchmarks/bench_infer.py and stated in BENCHMARKS.md.
+
+torchao's `Float8DynamicActivationFloat8WeightConfig` is the same recipe, but it refuses to run without a CUDA
+GPU of compute capability 8.9+, so it could not be tested here; these thirty lines run (and are tested) on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+_MIN_AMAX = 1e-12  # an all-zero row would otherwise divide by zero
+
+# Linear layers inside a block that see one row per image, not one per token (adaLN modulation): kept in bf16.
+_PER_IMAGE_LAYERS = ("norm1.", "norm2.", "norm3.")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], float32 scale [M, 1]) with x ~ fp8 * scale, each row using the full fp8 range."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_AMAX)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Float8Linear(nn.Module):
+    """Inference-only replacement of an nn.Linear: fp8 weight (per output channel scale), fp8 activations."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_fp8", weight)
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, N], as _scaled_mm wants
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_fp8, x_scale = quantize_rows(rows)
+        out = torch._scaled_mm(x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               out_dtype=x.dtype, use_fast_accum=True)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise"
+
+
+def require_fp8_matmuls(device: torch.device) -> None:
+    """A clear error where fp8 matmuls cannot run (the CPU runs them, slowly: that is what the tests use)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(f"--fp8 needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+                           f"{name} has {torch.cuda.get_device_capability(device)}. Run without --fp8.")
+
+
+def quantize_transformer_blocks(transformer) -> int:
+    """Swap the token-wise nn.Linear layers of every transformer block for Float8Linear, in place; returns how many.
+
+    Do it after LoRAs are fused (an unfused peft layer is not an nn.Linear and stays bf16) and before
+    `speed.compile_transformer_blocks`, which then fuses the activation quantization into the preceding kernels.
+    """
+    count = 0
+    for block in transformer.transformer_blocks:
+        for name, module in list(block.named_modules()):
+            if type(module) is not nn.Linear or name.startswith(_PER_IMAGE_LAYERS):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, child, Float8Linear(module))
+            count += 1
+    return count
+
+
+class _DeduplicateComputations:
+    """Inductor post-grad pass: common-subexpression elimination, so an input is quantized once, not per layer.
+
+    q, k and v read the same activations, and each Float8Linear quantizes its own input: without this the
+    compiled block computes the same amax and fp8 cast three times (and twice for the cross-attention's text
+    k, v). Inductor runs CSE on training graphs (the partitioner) and with `freezing`, but not on inference
+    graphs of blocks compiled regionally; this is PyTorch's own pass (fx_graph_cse), applied to those graphs.
+    """
+
+    def __call__(self, graph) -> None:
+        from torch._functorch.compile_utils import fx_graph_cse
+
+        deduplicated = fx_graph_cse(graph)
+        for node in reversed(list(graph.nodes)):
+            graph.erase_node(node)
+        value_map = {}
+        graph.output(graph.graph_copy(deduplicated, value_map))
+
+    def uuid(self):
+        return "cosmos_t2i.fp8.cse.v1"  # part of inductor's cache key: change it when the pass changes
+
+
+def deduplicate_compiled_computations() -> None:
+    """Install the pass above for every graph compiled from now on in this process (it only removes repeats)."""
+    torch._inductor.config.post_grad_custom_pre_pass = _DeduplicateComputations()
