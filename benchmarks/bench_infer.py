@@ -119,6 +119,7 @@ def main(argv=None):
 def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dict:
     pipe = build_pipeline(args.model, device)
     pipe.set_progress_bar_config(disable=True)
+    fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time
     if variant.fp8:
         fp8.quantize_transformer_blocks(pipe.transformer)
     if variant.single_frame_vae:

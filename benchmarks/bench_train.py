@@ -35,6 +35,10 @@ class Variant:
     fused_adamw: bool = False
     checkpoint_fraction: float = 0.0  # share of blocks with activation checkpointing
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    activation_memory_budget: float = 1.0  # < 1: the compiler recomputes its cheapest saved activations
+    fp8: bool = False  # torchao float8 training, rowwise scales: changes the numbers
+    coordinate_descent: bool = False  # inductor tunes its own (elementwise, reduction) kernels' launch configs
+    budget_estimator: str = "flops"  # how the partitioner prices a recomputation: "flops" or "profile" (timed)
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -47,6 +51,17 @@ FULL_VARIANTS = [
     Variant("compiled + fused AdamW, batch 4", 4, compile=True, fused_adamw=True),
     Variant("compiled (max-autotune) + fused AdamW", 2, compile=True, fused_adamw=True,
             compile_mode="max-autotune-no-cudagraphs"),
+    Variant("compiled + fused AdamW, batch 4, activation budget 0.8", 4, compile=True, fused_adamw=True,
+            activation_memory_budget=0.8),
+    Variant("fp8 (torchao rowwise) + compiled + fused AdamW", 2, compile=True, fused_adamw=True, fp8=True),
+    Variant("fp8 (torchao rowwise) + compiled + fused AdamW, batch 4, budget 0.8", 4, compile=True,
+            fused_adamw=True, activation_memory_budget=0.8, fp8=True),
+    Variant("compiled + fused AdamW, batch 6, activation budget 0.8", 6, compile=True, fused_adamw=True,
+            activation_memory_budget=0.8),
+    Variant("same, inductor coordinate-descent tuning", 6, compile=True, fused_adamw=True,
+            activation_memory_budget=0.8, coordinate_descent=True),
+    Variant("compiled + fused AdamW, batch 6, activation budget 0.8, recompute priced by timing", 6, compile=True,
+            fused_adamw=True, activation_memory_budget=0.8, budget_estimator="profile"),
 ]
 LORA_VARIANTS = [
     Variant("plain (eager, SDPA, peft, full ckpt)", 1, checkpoint_fraction=1.0),
@@ -93,8 +108,15 @@ def run_variant(args, variant: Variant, device) -> dict:
         recompute = speed.checkpoint_blocks(transformer, variant.checkpoint_fraction) / len(
             transformer.transformer_blocks
         )
+    if variant.fp8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        convert_to_float8_training(transformer.transformer_blocks, config=Float8LinearConfig.from_recipe_name(
+            "rowwise"), module_filter_fn=lambda module, name: ".norm" not in name)  # adaLN stays bf16
+    torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent  # global: set every time
+    torch._functorch.config.activation_memory_budget_runtime_estimator = variant.budget_estimator
     if variant.compile:
-        speed.compile_transformer_blocks(transformer, variant.compile_mode)
+        speed.compile_transformer_blocks(transformer, variant.compile_mode, variant.activation_memory_budget)
     optimizer = torch.optim.AdamW(
         params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
         fused=variant.fused_adamw, foreach=None if variant.fused_adamw else True,

@@ -102,6 +102,6 @@ class _DeduplicateComputations:
         return "cosmos_t2i.fp8.cse.v1"  # part of inductor's cache key: change it when the pass changes
 
 
-def deduplicate_compiled_computations() -> None:
-    """Install the pass above for every graph compiled from now on in this process (it only removes repeats)."""
-    torch._inductor.config.post_grad_custom_pre_pass = _DeduplicateComputations()
+def deduplicate_compiled_computations(enable: bool = True) -> None:
+    """Install (or remove) the pass above for every graph compiled from now on in this process."""
+    torch._inductor.config.post_grad_custom_pre_pass = _DeduplicateComputations() if enable else None

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "sdpa")
 
 
-def compile_transformer_blocks(transformer, mode: str | None = None) -> None:
+def compile_transformer_blocks(transformer, mode: str | None = None, activation_memory_budget: float = 1.0) -> None:
     """torch.compile each transformer block in place (regional compilation).
 
     diffusers' `compile_repeated_blocks()` refuses this model (its `_repeated_blocks` is empty), and compiling the
@@ -28,6 +28,9 @@ def compile_transformer_blocks(transformer, mode: str | None = None) -> None:
     # block's graph into a dynamic-shape one; with static graphs, batch 3 and 4 ran faster than batch 2 on the H100).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     torch._dynamo.config.automatic_dynamic_shapes = False
+    # Below 1, the partitioner keeps only this share of the activations a training graph would save and recomputes
+    # the cheapest of the rest in the backward (elementwise ops first): memory for a larger batch at little cost.
+    torch._functorch.config.activation_memory_budget = activation_memory_budget
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)
         if inner is None:

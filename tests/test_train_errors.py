@@ -120,3 +120,12 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(dataset, tmp_path, monke
     with pytest.raises(RuntimeError, match="3 steps in a row had non-finite gradients .*iteration 3"):
         train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", tmp_path / "out", "--max_iter", "10",
               "--max_nonfinite_steps", "3", *COMMON)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--activation_memory_budget", "0"], r"expected a fraction in \(0, 1\]"),
+    (["--activation_memory_budget", "0.8", "--no_compile"], "applied by torch.compile.*--gradient_checkpointing"),
+])
+def test_activation_memory_budget_needs_a_fraction_and_compilation(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x", *flags])

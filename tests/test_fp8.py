@@ -1,0 +1,86 @@
+"""fp8 sampling (opt-in --fp8): real fp8 numbers through torch._scaled_mm, close to bf16, in the right layers, with
+each shared input quantized once when compiled, and end to end through infer_text2image.py."""
+
+import copy
+
+import numpy as np
+import torch
+from infer_helpers import PROMPT, tiny_transformer
+from PIL import Image
+
+import infer_text2image as infer
+from cosmos_t2i import fp8, speed
+
+
+def _relative_error(value, reference):
+    return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def test_float8_linear_stores_fp8_and_stays_close_to_the_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    quantized = fp8.Float8Linear(linear)
+    assert quantized.weight_fp8.dtype == torch.float8_e4m3fn and quantized.weight_scale.shape == (1, 96)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    x[0, 0] = 0  # an all-zero token must not divide by zero
+    out = quantized(x)
+    assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    error = _relative_error(out, linear(x))
+    assert 1e-3 < error < 0.05  # fp8 rounding (e4m3: 3 mantissa bits), not bf16's, and not more
+
+
+def test_only_the_token_wise_layers_of_the_blocks_are_quantized_and_the_output_stays_close():
+    model = tiny_transformer().to(torch.bfloat16).eval()
+    quantized = copy.deepcopy(model)
+    assert fp8.quantize_transformer_blocks(quantized) == 10 * len(model.transformer_blocks)
+    block = quantized.transformer_blocks[0]
+    assert isinstance(block.attn1.to_q, fp8.Float8Linear) and isinstance(block.ff.net[2], fp8.Float8Linear)
+    assert type(block.norm1.linear_1) is torch.nn.Linear and type(quantized.proj_out) is torch.nn.Linear
+    inputs = dict(hidden_states=torch.randn(2, 16, 1, 16, 16, dtype=torch.bfloat16),
+                  timestep=torch.tensor([0.5, 0.5], dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(2, 512, 32, dtype=torch.bfloat16),
+                  padding_mask=torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16), return_dict=False)
+    with torch.no_grad():
+        reference = model(**inputs)[0]
+        eager = quantized(**inputs)[0]
+        fp8.deduplicate_compiled_computations()
+        try:
+            speed.compile_transformer_blocks(quantized)
+            compiled = quantized(**inputs)[0]
+        finally:
+            fp8.deduplicate_compiled_computations(enable=False)
+    assert 1e-3 < _relative_error(eager, reference) < 0.05
+    assert _relative_error(compiled, eager) < 0.03  # the compiled kernels round fp32 intermediates differently
+
+
+def test_shared_inputs_are_quantized_once_after_deduplication():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    q, k, v = (fp8.Float8Linear(torch.nn.Linear(32, 32, bias=False)) for _ in range(3))
+
+    def attention_inputs(x):  # what the attention processor does: three projections of one input
+        return q(x) + k(x) * v(x)
+
+    x = torch.randn(8, 32)
+    graph_module = make_fx(attention_inputs)(x)  # the aten-level graph inductor's post-grad passes see
+
+    def amax_count():
+        return sum(node.target is torch.ops.aten.amax.default for node in graph_module.graph.nodes)
+
+    assert amax_count() == 3  # the weights were quantized once, at construction: these are x's, three times over
+    fp8._DeduplicateComputations()(graph_module.graph)
+    graph_module.recompile()
+    assert amax_count() == 1
+    torch.testing.assert_close(graph_module(x), attention_inputs(x))
+
+
+def test_infer_script_with_fp8(tiny_model_dir, tmp_path):
+    common = ["--model", "tiny", "--num_steps", "2", "--prompt", PROMPT, "--compile", "off"]
+    infer.main(infer.parse_args([*common, "--save_path", str(tmp_path / "bf16.png")]))
+    infer.main(infer.parse_args([*common, "--fp8", "--save_path", str(tmp_path / "fp8.png")]))
+    bf16, quantized = (np.asarray(Image.open(tmp_path / name), dtype=np.float32) for name in ("bf16.png", "fp8.png"))
+    assert not np.array_equal(bf16, quantized)
+    assert np.abs(bf16 - quantized).mean() < 3.0  # out of 255: the same picture
+    sidecar = (tmp_path / "fp8.json").read_text()
+    assert '"fp8": true' in sidecar and "--fp8" in sidecar
