@@ -79,7 +79,7 @@ def parse_args(argv=None):
     fast.add_argument("--fp8", action="store_true",
                       help="Opt-in, changes the numbers: run the transformer blocks' matmuls in fp8 (e4m3, one scale "
                            "per token and per output channel; cosmos_t2i/fp8.py). With --compile on an H100: 2B "
-                           "2.07 s and 14B 9.7 s per image instead of 2.5 s and 14.4 s, latents within about 4%% of "
+                           "2.03 s and 14B 9.7 s per image instead of 2.5 s and 14.4 s, latents within about 4%% of "
                            "bf16 (BENCHMARKS.md). Needs a GPU with fp8 tensor cores (compute capability 8.9+); LoRAs "
                            "are fused first (--fuse_lora implied).")
 
@@ -223,6 +223,8 @@ def main(args):
 
     state = PartialState()
     dtype = DTYPES[args.dtype]
+    if args.fp8:  # before any model is loaded
+        fp8.require_fp8_matmuls(state.device, dtype)
     transformer = load_transformer(model, dit, dtype, args.nvidia_lora_alpha, args.trust_checkpoint)
     pipe = load_pipeline(model, state.device, dtype, transformer=transformer, disable_guardrail=args.disable_guardrail,
                          offload_guardrail=args.offload_guardrail, stock_vae=args.stock_vae)
@@ -236,7 +238,6 @@ def main(args):
     images_here = -(-len(requests) // state.num_processes)
     compiled = args.compile == "on" or (args.compile == "auto" and on_gpu and images_here >= COMPILE_AUTO_MIN_IMAGES)
     if args.fp8:
-        fp8.require_fp8_matmuls(state.device)
         fp8.quantize_transformer_blocks(pipe.transformer)
         fp8.deduplicate_compiled_computations()
     if compiled:

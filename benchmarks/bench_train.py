@@ -6,6 +6,8 @@ starts from the same seeded weights and inputs, so its first loss must match the
 
     python benchmarks/bench_train.py --model 2B --out results/train_2b.md
     python benchmarks/bench_train.py --model 14B --lora --out results/train_14b_lora.md
+
+The fp8 training variants need `pip install torchao` (not in requirements.txt: they measured slower, BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -55,12 +55,16 @@ class Float8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 rowwise"
 
 
-def require_fp8_matmuls(device: torch.device) -> None:
+def require_fp8_matmuls(device: torch.device, dtype: torch.dtype) -> None:
     """A clear error where fp8 matmuls cannot run (the CPU runs them, slowly: that is what the tests use)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
         raise RuntimeError(f"--fp8 needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
-                           f"{name} has {torch.cuda.get_device_capability(device)}. Run without --fp8.")
+                           f"{torch.cuda.get_device_name(device)} has {capability}. Run without --fp8.")
+    if dtype != torch.bfloat16:  # PyTorch's CUDA rowwise-scaled matmul writes bf16 only
+        raise ValueError(f"--fp8 computes in bfloat16 on a GPU: drop --dtype {str(dtype).removeprefix('torch.')}.")
 
 
 def quantize_transformer_blocks(transformer) -> int:
