@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end (tiny model, CPU: a smoke test, not a measurement) and their tables hold
+what BENCHMARKS.md quotes: the fast path's first loss and final latents next to the plain path's."""
+
+import json
+
+from benchmarks import bench_infer, bench_train
+
+
+def test_bench_train_compares_the_fast_path_with_the_plain_one(tmp_path):
+    out = tmp_path / "train.md"
+    bench_train.main(["--model", "tiny", "--device", "cpu", "--height", "64", "--width", "64", "--steps", "1",
+                      "--warmup", "1", "--variants", "2", "--out", str(out)])
+    plain, fast = json.loads(out.with_suffix(".json").read_text())
+    assert plain["variant"].startswith("plain") and "fused AdamW" in fast["variant"]
+    assert float(fast["loss_vs_plain"]) < 1e-4  # same weights, inputs and noise: only rounding differs
+    assert "| compiled + fused AdamW | 2 |" in out.read_text()
+
+
+def test_bench_infer_reports_decode_time_and_the_fp8_error(tmp_path):
+    out = tmp_path / "infer.md"
+    bench_infer.main(["--model", "tiny", "--device", "cpu", "--height", "128", "--width", "128", "--num_steps", "2",
+                      "--runs", "1", "--variants", "4", "--out", str(out)])
+    plain, fp8 = json.loads(out.with_suffix(".json").read_text())
+    assert plain["latent_rel_err_vs_plain"] == "0.0e+00" and "fp8" in fp8["variant"]
+    assert 0 < float(fp8["latent_rel_err_vs_plain"]) < 0.1
+    assert 0 < fp8["decode_s"] < fp8["s_per_image"]
