@@ -101,8 +101,9 @@ def parse_args(argv=None):
     speed_group.add_argument("--activation_memory_budget", type=float, default=1.0, metavar="FRACTION",
                              help="With --compile, below 1: the compiler saves fewer activations and recomputes the "
                              "cheapest (elementwise) ones in the backward. 0.8 halves 2B's activation memory for ~4%% "
-                             "more time per sample, so a larger batch fits: 2B full fine-tune at batch 6 runs 8.5 "
-                             "samples/s in 66 GiB on an H100 (BENCHMARKS.md). 1.0: the compiler's default.")
+                             "more time per sample, so a larger batch fits: 2B full fine-tune at batch 5 with EMA "
+                             "runs 8.1 samples/s in 66 GiB on an H100, against 7.2 at batch 2 without it "
+                             "(BENCHMARKS.md). 1.0: the compiler's default.")
     speed_group.add_argument("--attention_backend", default="sdpa", choices=speed.ATTENTION_BACKENDS,
                              help="The SDPA kernel tried first (sdpa: PyTorch's own order, which picks cuDNN's on an H100).")
 

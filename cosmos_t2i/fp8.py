@@ -99,8 +99,7 @@ class _DeduplicateComputations:
         deduplicated = fx_graph_cse(graph)
         for node in reversed(list(graph.nodes)):
             graph.erase_node(node)
-        value_map = {}
-        graph.output(graph.graph_copy(deduplicated, value_map))
+        graph.output(graph.graph_copy(deduplicated, {}))
 
     def uuid(self):
         return "cosmos_t2i.fp8.cse.v1"  # part of inductor's cache key: change it when the pass changes
