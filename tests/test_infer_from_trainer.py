@@ -27,8 +27,8 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def generate(tmp_path, name, *argv):
-    # No --model: the run's trainer/config.json says tiny.
-    infer.main(infer.parse_args(["--num_steps", "2", "--dtype", "float32", "--prompt", PROMPT,
+    # No --model: the run's trainer/config.json says tiny. --stock_vae: compared with diffusers' own decode below.
+    infer.main(infer.parse_args(["--num_steps", "2", "--dtype", "float32", "--prompt", PROMPT, "--stock_vae",
                                  "--save_path", str(tmp_path / name), *argv]))
     return np.asarray(Image.open(tmp_path / name))
 

@@ -13,7 +13,9 @@ from PIL import Image
 import infer_text2image as infer
 from cosmos_t2i.presets import PRESETS
 
-FAST = ["--model", "tiny", "--num_steps", "2", "--dtype", "float32"]
+# --stock_vae: several tests compare with diffusers' own pipeline bit for bit, which the 2D convolutions of the
+# default decode match only to a pixel level (test_default_decode_is_the_stock_one_within_a_pixel_level).
+FAST = ["--model", "tiny", "--num_steps", "2", "--dtype", "float32", "--stock_vae"]
 
 
 def run(save_path, *extra):
@@ -36,6 +38,15 @@ def test_same_seed_same_image_and_equal_to_the_stock_pipeline(tiny_model_dir, tm
     assert np.array_equal(first, again) and not np.array_equal(first, other_seed)
     assert np.array_equal(first, stock_image(tiny_model_dir, seed=7))
     assert not list(tmp_path.glob(".*")), "temporary files left behind"
+
+
+def test_default_decode_is_the_stock_one_within_a_pixel_level(tiny_model_dir, tmp_path):
+    default = infer.parse_args([*FAST, "--prompt", PROMPT, "--save_path", str(tmp_path / "d.png"), "--seed", "7"])
+    default.stock_vae = False
+    infer.main(default)
+    image = np.asarray(Image.open(tmp_path / "d.png")).astype(int)
+    assert np.abs(image - stock_image(tiny_model_dir, seed=7)).max() <= 1  # same sums, other rounding
+    assert not json.loads((tmp_path / "d.json").read_text())["stock_vae"]
 
 
 def test_non_empty_negative_prompt_is_encoded_like_the_pipeline_does(tiny_model_dir, tmp_path):
