@@ -26,7 +26,7 @@ def test_float8_linear_stores_fp8_and_stays_close_to_the_layer():
     out = quantized(x)
     assert out.shape == (3, 5, 96) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     error = _relative_error(out, linear(x))
-    assert 1e-3 < error < 0.05  # fp8 rounding (e4m3: 3 mantissa bits), not bf16's, and not more
+    assert 1e-3 < error < 0.06  # fp8 rounding (e4m3: 3 mantissa bits; 0.035 here), not bf16's, and not more
 
 
 def test_only_the_token_wise_layers_of_the_blocks_are_quantized_and_the_output_stays_close():
