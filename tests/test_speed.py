@@ -20,6 +20,7 @@ def _loss_and_grads(transformer):
 
 @pytest.mark.parametrize("compile_blocks, memory_budget", [(False, 1.0), (True, 1.0), (True, 0.5)])
 def test_checkpointed_and_compiled_blocks_match_plain(compile_blocks, memory_budget):
+    torch._dynamo.reset()  # dynamo would reuse another case's graph (same block code), compiled with its budget
     torch.manual_seed(0)
     plain = CosmosTransformer3DModel(**PRESETS["tiny"].transformer_config)
     fast = CosmosTransformer3DModel(**PRESETS["tiny"].transformer_config)
@@ -33,6 +34,26 @@ def test_checkpointed_and_compiled_blocks_match_plain(compile_blocks, memory_bud
     torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_activation_memory_budget_saves_fewer_activations():
+    def saved_bytes(budget: float) -> int:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        transformer = CosmosTransformer3DModel(**PRESETS["tiny"].transformer_config)
+        speed.compile_transformer_blocks(transformer, activation_memory_budget=budget)
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            _loss_and_grads(transformer)
+        return sum(saved)
+
+    # Measured on the tiny model: 5.95 MB saved for the backward at 1.0, 3.53 MB at 0.5 (blocks and the rest).
+    assert saved_bytes(0.5) < 0.8 * saved_bytes(1.0)
 
 
 def test_unknown_attention_backend_is_refused():
