@@ -3,7 +3,8 @@
 Random-initialised transformer of the real 2B/14B config and a random Wan 2.1 VAE (default config), bf16,
 35 steps with CFG (guidance 4), VAE decode included, T5 excluded (random prompt embeddings, zero negative as
 NVIDIA). Every variant starts from the same noise; its latents are compared with the stock pipeline's.
-`decode_s` is the last image's VAE decode + guardrail-format post-processing, part of `s_per_image`.
+`decode_s` is the last image's VAE decode + guardrail-format post-processing, part of `s_per_image`; the stock
+call (the plain path) decodes inside, its own way.
 
     python benchmarks/bench_infer.py --model 2B --out results/infer_2b.md
 """
@@ -18,8 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import Timer, device_name, forward_flops_per_sample, free_memory, peak_gib, reset_peak_memory, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Timer, device_name, forward_flops_per_sample, free_memory, peak_gib, profile_kernels, reset_peak_memory, write_table,
+)
 from cosmos_t2i import fp8, speed  # noqa: E402
+from cosmos_t2i.cuda_graphs import GraphedTransformer  # noqa: E402
 from cosmos_t2i.pipeline import NoGuardrail  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
 from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
@@ -33,6 +37,8 @@ class Variant:
     compile: bool = False
     single_frame_vae: bool = False  # speed.single_frame_vae_convs
     fp8: bool = False  # fp8.quantize_transformer_blocks: changes the numbers, opt-in
+    cuda_graph: bool = False  # cuda_graphs.GraphedTransformer: each step replayed from a CUDA graph
+    coordinate_descent: bool = False  # inductor tunes its own kernels' launch configs (longer compile)
 
 
 VARIANTS = [
@@ -41,6 +47,16 @@ VARIANTS = [
     Variant("batched CFG + compiled blocks", batched_cfg=True, compile=True),
     Variant("batched CFG + compiled blocks + 2D VAE convs", batched_cfg=True, compile=True, single_frame_vae=True),
     Variant("same + fp8 matmuls (opt-in)", batched_cfg=True, compile=True, single_frame_vae=True, fp8=True),
+    Variant("batched CFG + compiled blocks + 2D VAE convs + CUDA graph", batched_cfg=True, compile=True,
+            single_frame_vae=True, cuda_graph=True),
+    Variant("same + fp8 matmuls + CUDA graph", batched_cfg=True, compile=True, single_frame_vae=True, fp8=True,
+            cuda_graph=True),
+    Variant("same + fp8 matmuls + coordinate-descent tuning", batched_cfg=True, compile=True, single_frame_vae=True,
+            fp8=True, coordinate_descent=True),
+    Variant("same + fp8 matmuls + coordinate-descent tuning + CUDA graph", batched_cfg=True, compile=True,
+            single_frame_vae=True, fp8=True, coordinate_descent=True, cuda_graph=True),
+    Variant("batched CFG + 2D VAE convs + CUDA graph, not compiled", batched_cfg=True, single_frame_vae=True,
+            cuda_graph=True),
 ]
 
 
@@ -54,6 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=2, help="Timed images per variant.")
     parser.add_argument("--variants", default=None,
                         help="Comma-separated indices of the variants to run (variant 0, the plain path, always runs).")
+    parser.add_argument("--profile", default=None, help="Write each variant's GPU kernel times for one image here "
+                        "(one file per variant).")
     parser.add_argument("--peak_tflops", type=float, default=800.0)
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
     parser.add_argument("--out", default=None)
@@ -74,16 +92,23 @@ def build_pipeline(model: str, device):
     )
 
 
-def generate(pipe, variant: Variant, args, prompt, negative, num_steps: int):
+def generate(pipe, variant: Variant, args, prompt, negative, num_steps: int, denoiser=None):
+    """Final latents of one image, and the seconds its decode took (not timed apart in the stock call)."""
     generator = torch.Generator(pipe._execution_device).manual_seed(0)
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=num_steps, guidance_scale=args.guidance)
-    if variant.stock:
-        latents = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, generator=generator,
-                       output_type="latent", **kwargs).images.unsqueeze(2)
-    else:
-        latents = sample_latents(pipe, prompt, negative, generator=generator, batched_cfg=variant.batched_cfg,
-                                 **kwargs)
-    with Timer() as decode:  # the stock path decodes the same way; kept out of its call to return latents
+    if variant.stock:  # the whole stock call, its own decode and post-processing included
+        final = {}
+
+        def keep_latents(pipe, step, timestep, tensors):
+            final["latents"] = tensors["latents"]
+            return tensors
+
+        pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, generator=generator, output_type="pil",
+             callback_on_step_end=keep_latents, **kwargs)
+        return final["latents"], "in the call"
+    latents = sample_latents(pipe, prompt, negative, generator=generator, batched_cfg=variant.batched_cfg,
+                             denoiser=denoiser, **kwargs)
+    with Timer() as decode:
         decode_images(pipe, latents)
     return latents, decode.seconds
 
@@ -120,18 +145,23 @@ def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dic
     pipe = build_pipeline(args.model, device)
     pipe.set_progress_bar_config(disable=True)
     fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time
+    torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent
     if variant.fp8:
         fp8.quantize_transformer_blocks(pipe.transformer)
     if variant.single_frame_vae:
         speed.single_frame_vae_convs(pipe.vae)
     if variant.compile:
         speed.compile_transformer_blocks(pipe.transformer)
-    generate(pipe, variant, args, prompt, negative, num_steps=2)  # warm-up: compilation, cuDNN plans
+    denoiser = GraphedTransformer(pipe.transformer) if variant.cuda_graph else None
+    generate(pipe, variant, args, prompt, negative, num_steps=2, denoiser=denoiser)  # warm-up: compilation, cuDNN plans
     reset_peak_memory()
     with Timer() as timer:
         for _ in range(args.runs):
-            latents, decode_seconds = generate(pipe, variant, args, prompt, negative, args.num_steps)
+            latents, decode_seconds = generate(pipe, variant, args, prompt, negative, args.num_steps, denoiser)
     seconds = timer.seconds / args.runs
+    if args.profile:
+        one_image = lambda: generate(pipe, variant, args, prompt, negative, args.num_steps, denoiser)  # noqa: E731
+        print(profile_kernels(one_image, args.profile, variant.name), flush=True)
     row = dict(
         variant=variant.name, s_per_image=seconds, decode_s=decode_seconds, tflops=flops_per_image / seconds / 1e12,
         mfu=f"{100 * flops_per_image / seconds / 1e12 / args.peak_tflops:.1f}%", peak_gib=peak_gib(),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    Timer, device_name, free_memory, peak_gib, reset_peak_memory, synchronize, train_flops_per_sample, write_table,
+    Timer, device_name, free_memory, peak_gib, allocator_stats, profile_kernels, reset_peak_memory, train_flops_per_sample, write_table,
 )
 from cosmos_t2i import speed, trainable  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
@@ -41,6 +40,7 @@ class Variant:
     fp8: bool = False  # torchao float8 training, rowwise scales: changes the numbers
     coordinate_descent: bool = False  # inductor tunes its own (elementwise, reduction) kernels' launch configs
     budget_estimator: str = "flops"  # how the partitioner prices a recomputation: "flops" or "profile" (timed)
+    expandable_segments: bool = False  # allocator grows segments in place instead of freeing cache and retrying
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -64,6 +64,12 @@ FULL_VARIANTS = [
             activation_memory_budget=0.8, coordinate_descent=True),
     Variant("compiled + fused AdamW, batch 6, activation budget 0.8, recompute priced by timing", 6, compile=True,
             fused_adamw=True, activation_memory_budget=0.8, budget_estimator="profile"),
+    Variant("compiled + fused AdamW, batch 6, activation budget 0.8, expandable segments", 6, compile=True,
+            fused_adamw=True, activation_memory_budget=0.8, expandable_segments=True),
+    Variant("compiled + fused AdamW, batch 7, activation budget 0.7, expandable segments", 7, compile=True,
+            fused_adamw=True, activation_memory_budget=0.7, expandable_segments=True),
+    Variant("compiled + fused AdamW, batch 8, activation budget 0.6, expandable segments", 8, compile=True,
+            fused_adamw=True, activation_memory_budget=0.6, expandable_segments=True),
 ]
 LORA_VARIANTS = [
     Variant("plain (eager, SDPA, peft, full ckpt)", 1, checkpoint_fraction=1.0),
@@ -103,6 +109,8 @@ def build_transformer(model: str, lora: bool, device):
 
 
 def run_variant(args, variant: Variant, device) -> dict:
+    if device.type == "cuda":  # before anything is allocated: the setting applies to new segments
+        torch.cuda.memory._set_allocator_settings(f"expandable_segments:{variant.expandable_segments}")
     transformer, params = build_transformer(args.model, args.lora, device)
     transformer.train()
     recompute = 0.0
@@ -144,25 +152,21 @@ def run_variant(args, variant: Variant, device) -> dict:
     first_loss = step(0).item()  # same weights, inputs and noise in every variant
     for i in range(args.warmup - 1):
         step(i + 1)
+    if device.type == "cuda":
+        torch.cuda.reset_accumulated_memory_stats()  # count allocator retries in the timed steps only
     with Timer() as timer:
         for i in range(args.steps):
             step(100 + i)
+    memory = dict(peak_gib=peak_gib(), **allocator_stats())
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(1000)
-            synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-        slug = re.sub(r"[^a-z0-9]+", "_", variant.name.lower()).strip("_")
-        Path(f"{args.profile}.{slug}.txt").write_text(table)
+        print(profile_kernels(lambda: step(1000), args.profile, variant.name), flush=True)
     samples_per_s = args.steps * variant.batch_size / timer.seconds
     flops = train_flops_per_sample(config, args.height, args.width, args.lora, recompute)
     tflops = samples_per_s * flops / 1e12
     row = dict(
         variant=variant.name, batch=variant.batch_size, samples_per_s=samples_per_s,
         step_ms=1000 * timer.seconds / args.steps, tflops=tflops, mfu=f"{100 * tflops / args.peak_tflops:.1f}%",
-        peak_gib=peak_gib(), first_loss=first_loss,
+        first_loss=first_loss, **memory,
     )
     return row  # the model and optimizer go with this frame; main() then frees the cached memory
 
@@ -196,7 +200,7 @@ def main(argv=None):
         f"torch {torch.__version__}"
     )
     columns = ["variant", "batch", "samples_per_s", "speedup", "step_ms", "tflops", "mfu", "peak_gib",
-               "first_loss", "loss_vs_plain"]
+               "reserved_gib", "alloc_retries", "first_loss", "loss_vs_plain"]
     write_table(rows, columns, header, args.out)
 
 

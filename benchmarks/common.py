@@ -7,7 +7,9 @@ comparable across paths: a faster path does the same FLOPs in less time.
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,6 +66,15 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def allocator_stats() -> dict:
+    """Peak memory the caching allocator held, and how often it had to free its cache and retry an allocation
+    (each retry synchronizes the GPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return dict(reserved_gib=stats["reserved_bytes.all.peak"] / 2**30, alloc_retries=stats["num_alloc_retries"])
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke test, not a measurement)"
 
@@ -95,3 +106,37 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+# Kernel families by name, first match wins: inductor names its kernels after the ops it fused (a "triton_..."
+# kernel may say "_scaled_mm" or "attention"), and cuDNN's attention kernels go before its other kernels.
+KERNEL_FAMILIES = [
+    ("compiled fused (triton)", r"^triton"),
+    ("attention", r"sdpa|flash|fmha|attention|compute_dot_do_o|convert_dq"),
+    ("convolution", r"conv|implicit_gemm|nchwToNhwc|nhwcToNchw"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|scaled_mm"),
+    ("optimizer / clip (multi-tensor)", r"multi_tensor_apply|fused_adam"),
+]
+
+
+def profile_kernels(fn, path: str, title: str) -> str:
+    """Run `fn` once under the CUDA profiler; write its 30 costliest kernels and the GPU time per kernel family
+    against the wall time (the difference is the GPU waiting on the CPU) to `path`. Returns the summary line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, Timer() as timer:
+        fn()
+    events = prof.key_averages()
+    families: dict[str, float] = {}
+    for event in events:
+        family = next((name for name, pattern in KERNEL_FAMILIES if re.search(pattern, event.key, re.I)), "other")
+        families[family] = families.get(family, 0.0) + event.self_device_time_total / 1e3
+    busy = sum(families.values())
+    lines = [f"## {title}", "", f"wall {1e3 * timer.seconds:.1f} ms, GPU kernels {busy:.1f} ms "
+             f"({100 * busy / (1e3 * timer.seconds):.1f}% busy)", ""]
+    lines += [f"- {name}: {ms:.1f} ms ({100 * ms / busy:.1f}%)" for name, ms in sorted(families.items(),
+                                                                                     key=lambda kv: -kv[1])]
+    lines += ["", events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)]
+    slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+    Path(f"{path}.{slug}.txt").write_text("\n".join(lines))
+    return lines[2]

@@ -1,0 +1,59 @@
+"""The sampler's transformer call replayed from a CUDA graph: one launch per step instead of thousands.
+
+A sampling step launches every kernel of 28 (2B) or 36 (14B) blocks. The CPU cost of that (dynamo's guards,
+inductor's launchers, the eager code around the blocks) nearly matches the GPU time of a compiled fp8 step, so
+the GPU waited on the CPU for part of every image (profiled on the H100, BENCHMARKS.md). A CUDA graph records one
+call's kernels once and replays them with their recorded arguments: same kernels, same numbers.
+
+What a graph keeps fixed, and why that holds here: the weights are read through their addresses (nothing replaces
+a weight tensor during sampling; LoRAs are applied or fused before the first call), and the inputs are copied into
+buffers recorded with the graph. A new input shape (resolution, batch) records a new graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GraphedTransformer:
+    """Callable like `transformer(hidden_states=..., timestep=..., encoder_hidden_states=..., padding_mask=...,
+    return_dict=False)[0]`, replaying a CUDA graph per input shape. CUDA only."""
+
+    def __init__(self, transformer, warmup_calls: int = 2):
+        if transformer.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the transformer on a CUDA GPU, not {transformer.device}.")
+        self.transformer = transformer
+        self.warmup_calls = warmup_calls  # compilation, autotuning and cuDNN plans happen here, outside capture
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, padding_mask) -> torch.Tensor:
+        inputs = (hidden_states, timestep, encoder_hidden_states, padding_mask)
+        key = tuple((t.shape, t.dtype, t.device) for t in inputs)
+        if key not in self._graphs:
+            if any(t.device.type != "cuda" for t in inputs):  # a CPU value would be baked into the graph
+                raise ValueError("CUDA graphs need every transformer input on the GPU.")
+            self._graphs[key] = self._record(inputs)
+        graph, static_inputs, static_output = self._graphs[key]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites static_output
+
+    def _forward(self, hidden_states, timestep, encoder_hidden_states, padding_mask) -> torch.Tensor:
+        return self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states, padding_mask=padding_mask,
+                                return_dict=False)[0]
+
+    @torch.no_grad()
+    def _record(self, inputs):
+        static_inputs = tuple(t.clone() for t in inputs)
+        side = torch.cuda.Stream()  # warm-up off the default stream, as capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_calls):
+                self._forward(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self._forward(*static_inputs)
+        return graph, static_inputs, static_output
