@@ -39,6 +39,7 @@ class Variant:
     fp8: bool = False  # fp8.quantize_transformer_blocks: changes the numbers, opt-in
     cuda_graph: bool = False  # cuda_graphs.GraphedTransformer: each step replayed from a CUDA graph
     coordinate_descent: bool = False  # inductor tunes its own kernels' launch configs (longer compile)
+    multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
 
 
 VARIANTS = [
@@ -57,6 +58,8 @@ VARIANTS = [
             single_frame_vae=True, fp8=True, coordinate_descent=True, cuda_graph=True),
     Variant("batched CFG + 2D VAE convs + CUDA graph, not compiled", batched_cfg=True, single_frame_vae=True,
             cuda_graph=True),
+    Variant("same + fp8 matmuls + CUDA graph + inductor multi-kernel", batched_cfg=True, compile=True,
+            single_frame_vae=True, fp8=True, cuda_graph=True, multi_kernel=True),
 ]
 
 
@@ -146,6 +149,7 @@ def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dic
     pipe.set_progress_bar_config(disable=True)
     fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time
     torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent
+    torch._inductor.config.triton.multi_kernel = int(variant.multi_kernel)
     if variant.fp8:
         fp8.quantize_transformer_blocks(pipe.transformer)
     if variant.single_frame_vae:

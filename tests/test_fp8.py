@@ -34,7 +34,7 @@ def test_only_the_token_wise_layers_of_the_blocks_are_quantized_and_the_output_s
     quantized = copy.deepcopy(model)
     assert fp8.quantize_transformer_blocks(quantized) == 10 * len(model.transformer_blocks)
     block = quantized.transformer_blocks[0]
-    assert isinstance(block.attn1.to_q, fp8.Float8Linear) and isinstance(block.ff.net[2], fp8.Float8Linear)
+    assert isinstance(block.attn1.to_q, fp8.Float8Linear) and isinstance(block.ff, fp8.Float8GeluFeedForward)
     assert type(block.norm1.linear_1) is torch.nn.Linear and type(quantized.proj_out) is torch.nn.Linear
     inputs = dict(hidden_states=torch.randn(2, 16, 1, 16, 16, dtype=torch.bfloat16),
                   timestep=torch.tensor([0.5, 0.5], dtype=torch.bfloat16),
@@ -51,6 +51,37 @@ def test_only_the_token_wise_layers_of_the_blocks_are_quantized_and_the_output_s
             fp8.deduplicate_compiled_computations(enable=False)
     assert 1e-3 < _relative_error(eager, reference) < 0.05
     assert _relative_error(compiled, eager) < 0.03  # the compiled kernels round fp32 intermediates differently
+
+
+def test_gelu_amax_from_the_input_range_is_the_max_over_gelus_outputs():
+    """The feed-forward's second matmul scales each row by max |GELU(h)| computed from min(h) and max(h): it must
+    be that max, exactly, on rows of every kind (all positive, all negative on either side of GELU's minimum,
+    spanning it), and never below it where the row's values cannot reach it (a scale too small would clip)."""
+    torch.manual_seed(0)
+    rows = [torch.randn(256) * 3, -torch.rand(256) * 0.5, -1 - torch.rand(256) * 4, torch.randn(256) - 1,
+            torch.linspace(-6, 0.2, 256), torch.zeros(256)]
+    h = torch.stack(rows).to(torch.bfloat16)
+    lo, hi = torch.aminmax(h, dim=-1, keepdim=True)
+    ours = fp8.gelu_amax_from_range(lo, hi)
+    exact = torch.nn.functional.gelu(h).abs().amax(dim=-1, keepdim=True)
+    assert ours.dtype == exact.dtype and (ours >= exact).all()
+    reaches_the_minimum_exactly = ((lo < fp8.GELU_ARGMIN) & (hi < 0.28)).flatten()
+    assert torch.equal(ours[~reaches_the_minimum_exactly], exact[~reaches_the_minimum_exactly])
+    assert ((ours - exact) / exact)[reaches_the_minimum_exactly].max() < 0.01
+
+
+def test_fp8_feed_forward_matches_its_two_layers_quantized_apart():
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(64, mult=4, activation_fn="gelu", bias=False).to(torch.bfloat16).eval()
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16) * 3
+    fused = fp8.Float8GeluFeedForward(ff)
+    apart = fp8.Float8Linear(ff.net[2])(torch.nn.functional.gelu(fp8.Float8Linear(ff.net[0].proj)(x)))
+    with torch.no_grad():
+        ours = fused(x)
+        assert torch.equal(ours, apart)  # these rows reach above GELU's minimum: the same scales
+        assert 1e-3 < _relative_error(ours, ff(x)) < 0.06
 
 
 def test_shared_inputs_are_quantized_once_after_deduplication():
