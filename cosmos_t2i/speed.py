@@ -104,3 +104,21 @@ def _causal_conv_single_frame(conv, conv3d_forward, x, cache_x=None):
     out = torch.nn.functional.conv2d(x[:, :, 0], conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:],
                                      padding=(pad_h, pad_w), dilation=conv.dilation[1:])
     return out.unsqueeze(2)
+
+
+def clip_grad_norm_in_fused_adamw(optimizer, params, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_(params, max_norm)` with the scaling left to fused AdamW's next step; returns the total norm.
+
+    clip_grad_norm_ multiplies every gradient by min(1, max_norm / (norm + 1e-6)) in a pass of its own: a read and
+    a write of every fp32 gradient, 5.8 ms of a 706 ms 2B step on the H100. Fused AdamW divides each gradient by
+    its `grad_scale` as it loads it (the hook GradScaler uses) and stores the result back, so the inverse factor
+    there gives the same update (to a rounding: a division instead of a multiplication) and leaves .grad clipped.
+    Only for torch's fused AdamW (the other implementations refuse grad_scale) on gradients that are whole tensors
+    (not FSDP or DeepSpeed shards), and not with fp16's GradScaler, which sets grad_scale itself.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if not (isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")):
+        raise ValueError("clip_grad_norm_in_fused_adamw needs torch.optim.AdamW(..., fused=True).")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    inner.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+    return norm

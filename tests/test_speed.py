@@ -77,3 +77,33 @@ def test_single_frame_vae_convs_give_the_3d_convs_results():
         torch.testing.assert_close(fast.decode(latents).sample, stock.decode(latents).sample, rtol=1e-5, atol=1e-5)
         video = torch.randn(1, 16, 3, 8, 12)  # later frames use the feature cache: the original path
         torch.testing.assert_close(fast.decode(video).sample, stock.decode(video).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_in_fused_adamw_step_gives_clip_grad_norms_update():
+    """The trainer's clip inside fused AdamW: the same norm, update and clipped .grad as clip_grad_norm_ followed by
+    the step, on steps below and far above the clip threshold; refused where AdamW would ignore it."""
+    import copy
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    reference = copy.deepcopy(ours)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True) for m in (ours, reference)]
+    norms = []
+    for input_scale in (0.01, 10.0, 0.01):  # a norm below 1 (no clip), ~1000 (clipped 1000x), then back
+        x = torch.randn(8, 16) * input_scale
+        for model in (ours, reference):
+            model(x).pow(2).sum().backward()
+        norm = speed.clip_grad_norm_in_fused_adamw(optimizers[0], list(ours.parameters()), 1.0)
+        expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+        torch.testing.assert_close(norm, expected)
+        norms.append(norm.item())
+        for optimizer in optimizers:
+            optimizer.step()
+        for a, b in zip(ours.parameters(), reference.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # Adam amplifies a rounding at its first steps
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+    assert norms[0] < 1 < 100 < norms[1]  # both paths covered: no clip, then a hard clip
+    with pytest.raises(ValueError, match="fused=True"):
+        speed.clip_grad_norm_in_fused_adamw(torch.optim.AdamW(ours.parameters(), foreach=True), [], 1.0)
