@@ -89,7 +89,7 @@ def test_clip_in_fused_adamw_step_gives_clip_grad_norms_update():
     reference = copy.deepcopy(ours)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True) for m in (ours, reference)]
     norms = []
-    for input_scale in (0.01, 10.0, 0.01):  # a norm below 1 (no clip), ~1000 (clipped 1000x), then back
+    for input_scale in (0.001, 10.0, 0.001):  # a norm below 1 (no clip), ~1000 (clipped 1000x), then back
         x = torch.randn(8, 16) * input_scale
         for model in (ours, reference):
             model(x).pow(2).sum().backward()
@@ -100,7 +100,7 @@ def test_clip_in_fused_adamw_step_gives_clip_grad_norms_update():
         for optimizer in optimizers:
             optimizer.step()
         for a, b in zip(ours.parameters(), reference.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-8)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # Adam amplifies a rounding at its first steps
         for optimizer in optimizers:
             optimizer.zero_grad()
