@@ -60,6 +60,8 @@ VARIANTS = [
             cuda_graph=True),
     Variant("same + fp8 matmuls + CUDA graph + inductor multi-kernel", batched_cfg=True, compile=True,
             single_frame_vae=True, fp8=True, cuda_graph=True, multi_kernel=True),
+    Variant("batched CFG + compiled blocks + 2D VAE convs + CUDA graph + inductor multi-kernel", batched_cfg=True,
+            compile=True, single_frame_vae=True, cuda_graph=True, multi_kernel=True),
 ]
 
 
@@ -149,13 +151,12 @@ def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dic
     pipe.set_progress_bar_config(disable=True)
     fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time
     torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent
-    torch._inductor.config.triton.multi_kernel = int(variant.multi_kernel)
     if variant.fp8:
         fp8.quantize_transformer_blocks(pipe.transformer)
     if variant.single_frame_vae:
         speed.single_frame_vae_convs(pipe.vae)
     if variant.compile:
-        speed.compile_transformer_blocks(pipe.transformer)
+        speed.compile_transformer_blocks(pipe.transformer, multi_kernel=variant.multi_kernel)
     denoiser = GraphedTransformer(pipe.transformer) if variant.cuda_graph else None
     generate(pipe, variant, args, prompt, negative, num_steps=2, denoiser=denoiser)  # warm-up: compilation, cuDNN plans
     reset_peak_memory()

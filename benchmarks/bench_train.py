@@ -130,10 +130,10 @@ def run_variant(args, variant: Variant, device) -> dict:
         convert_to_float8_training(transformer.transformer_blocks, config=Float8LinearConfig.from_recipe_name(
             "rowwise"), module_filter_fn=lambda module, name: ".norm" not in name)  # adaLN stays bf16
     torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent  # global: set every time
-    torch._inductor.config.triton.multi_kernel = int(variant.multi_kernel)
     torch._functorch.config.activation_memory_budget_runtime_estimator = variant.budget_estimator
     if variant.compile:
-        speed.compile_transformer_blocks(transformer, variant.compile_mode, variant.activation_memory_budget)
+        speed.compile_transformer_blocks(transformer, variant.compile_mode, variant.activation_memory_budget,
+                                         variant.multi_kernel)
     optimizer = torch.optim.AdamW(
         params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
         fused=variant.fused_adamw, foreach=None if variant.fused_adamw else True,

@@ -7,7 +7,8 @@ call's kernels once and replays them with their recorded arguments: same kernels
 
 What a graph keeps fixed, and why that holds here: the weights are read through their addresses (nothing replaces
 a weight tensor during sampling; LoRAs are applied or fused before the first call), and the inputs are copied into
-buffers recorded with the graph. A new input shape (resolution, batch) records a new graph.
+buffers recorded with the graph. A new input shape (resolution, batch) records a new graph; the graphs share one
+memory pool (they never run at the same time, and each call's output is copied out before the next).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class GraphedTransformer:
         self.transformer = transformer
         self.warmup_calls = warmup_calls  # compilation, autotuning and cuDNN plans happen here, outside capture
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, hidden_states, timestep, encoder_hidden_states, padding_mask) -> torch.Tensor:
         inputs = (hidden_states, timestep, encoder_hidden_states, padding_mask)
@@ -54,6 +56,6 @@ class GraphedTransformer:
                 self._forward(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._pool):
             static_output = self._forward(*static_inputs)
         return graph, static_inputs, static_output

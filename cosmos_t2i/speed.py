@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 ATTENTION_BACKENDS = ("cudnn", "flash", "efficient", "sdpa")
 
 
-def compile_transformer_blocks(transformer, mode: str | None = None, activation_memory_budget: float = 1.0) -> None:
+def compile_transformer_blocks(transformer, mode: str | None = None, activation_memory_budget: float = 1.0,
+                               multi_kernel: bool = False) -> None:
     """torch.compile each transformer block in place (regional compilation).
 
     diffusers' `compile_repeated_blocks()` refuses this model (its `_repeated_blocks` is empty), and compiling the
@@ -31,6 +32,10 @@ def compile_transformer_blocks(transformer, mode: str | None = None, activation_
     # Below 1, the partitioner keeps only this share of the activations a training graph would save and recomputes
     # the cheapest of the rest in the backward (elementwise ops first): memory for a larger batch at little cost.
     torch._functorch.config.activation_memory_budget = activation_memory_budget
+    # Inductor writes a reduction over a long row (layer norm over 2048 channels, the fp8 amax over 8192) as a loop
+    # that reads the row twice; multi-kernel also builds a one-pass version and keeps the faster after timing both
+    # on first use. 2.5% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
+    torch._inductor.config.triton.multi_kernel = int(multi_kernel)
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)
         if inner is None:
