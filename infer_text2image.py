@@ -246,7 +246,7 @@ def main(args):
         fp8.quantize_transformer_blocks(pipe.transformer)
         fp8.deduplicate_compiled_computations()
     if compiled:
-        speed.compile_transformer_blocks(pipe.transformer, multi_kernel=args.fp8)
+        speed.compile_transformer_blocks(pipe.transformer, multi_kernel=True)
     cuda_graph = on_gpu and not args.no_cuda_graph
     denoiser = GraphedTransformer(pipe.transformer) if cuda_graph else None
 
