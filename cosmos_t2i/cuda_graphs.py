@@ -13,7 +13,11 @@ memory pool (they never run at the same time, and each call's output is copied o
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class GraphedTransformer:
@@ -34,7 +38,9 @@ class GraphedTransformer:
         if key not in self._graphs:
             if any(t.device.type != "cuda" for t in inputs):  # a CPU value would be baked into the graph
                 raise ValueError("CUDA graphs need every transformer input on the GPU.")
-            self._graphs[key] = self._record(inputs)
+            self._graphs[key] = self._record_or_none(inputs)
+        if self._graphs[key] is None:
+            return self._forward(*inputs)
         graph, static_inputs, static_output = self._graphs[key]
         for static, value in zip(static_inputs, inputs):
             static.copy_(value)
@@ -45,6 +51,20 @@ class GraphedTransformer:
         return self.transformer(hidden_states=hidden_states, timestep=timestep,
                                 encoder_hidden_states=encoder_hidden_states, padding_mask=padding_mask,
                                 return_dict=False)[0]
+
+    def _record_or_none(self, inputs):
+        """The recorded graph, or None where recording ran out of memory (the graph keeps its own copy of one call's
+        working memory): that shape is then sampled without a graph, as it would be with --no_cuda_graph."""
+        try:
+            return self._record(inputs)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            # An allocation that fails during capture can also invalidate the capture, which then fails to end.
+            if not any(isinstance(e, torch.OutOfMemoryError) for e in (error, error.__context__)):
+                raise
+        torch.cuda.empty_cache()
+        logger.warning("Not enough GPU memory to record a CUDA graph for inputs of shape %s: sampling this size "
+                       "without one (slower; --no_cuda_graph turns graphs off).", tuple(inputs[0].shape))
+        return None
 
     @torch.no_grad()
     def _record(self, inputs):

@@ -35,3 +35,23 @@ def test_graphed_sampling_gives_the_plain_samplers_latents_bit_for_bit(tiny_mode
                               denoiser=graphed, **kwargs)
         assert torch.equal(ours, plain)
     assert len(graphed._graphs) == 2
+
+
+@needs_cuda
+def test_a_shape_whose_graph_does_not_fit_in_memory_is_sampled_without_one(tiny_model_dir, monkeypatch, caplog):
+    pipe = load_pipeline("tiny", device=torch.device("cuda"), dtype=torch.bfloat16, load_text_encoder=False)
+    dim = pipe.transformer.config.text_embed_dim
+    prompt, negative = torch.randn(1, 512, dim), torch.zeros(1, 512, dim)
+    graphed = GraphedTransformer(pipe.transformer)
+
+    def out_of_memory(inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(graphed, "_record", out_of_memory)
+    kwargs = dict(height=48, width=96, num_inference_steps=3, guidance_scale=4.0)
+    plain = sample_latents(pipe, prompt, negative, generator=torch.Generator("cuda").manual_seed(1), **kwargs)
+    ours = sample_latents(pipe, prompt, negative, generator=torch.Generator("cuda").manual_seed(1), denoiser=graphed,
+                          **kwargs)
+    assert torch.equal(ours, plain)
+    assert list(graphed._graphs.values()) == [None]  # tried once for the shape, not at every step
+    assert "Not enough GPU memory to record a CUDA graph" in caplog.text
