@@ -9,7 +9,8 @@ Sampling is diffusers' `Cosmos2TextToImagePipeline` with its inputs prepared the
 35 steps, guidance 4 in the x0 = c + g (c - u) form (which is the pipeline's `guidance_scale`), seed 0. On a GPU
 the sampler runs the conditional and unconditional passes as one batch and compiles the transformer blocks for
 prompt lists (cosmos_t2i/sampling.py, BENCHMARKS.md); `--no_batched_cfg --compile off --stock_vae` is the stock call
-exactly. `--fp8` (opt-in) trades a few percent of accuracy for 1.2x (2B) / 1.5x (14B) more speed.
+exactly. Each sampling step is replayed from a CUDA graph on a GPU (same kernels, same numbers). `--fp8` (opt-in)
+trades a few percent of accuracy for 1.3x (2B) / 1.5x (14B) more speed.
 The initial noise is drawn on the CPU from the seed, so a seed gives the same noise on any device.
 Each image gets a sidecar JSON (same name, .json) with everything needed to make it again.
 """
@@ -70,7 +71,7 @@ def parse_args(argv=None):
                       help="Run the unconditional pass as a second call, as the stock pipeline does (default on a "
                            "GPU: one batched call, 1.3x faster for 2B; on a CPU the stock way).")
     fast.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                      help="torch.compile the transformer blocks: with batched CFG, 2.6x (2B) / 1.4x (14B) faster "
+                      help="torch.compile the transformer blocks: with batched CFG, 2.3x (2B) / 1.45x (14B) faster "
                            "than the stock pipeline after a one-off compilation of about a minute, so 'auto' "
                            "compiles on a GPU for more than "
                            f"{COMPILE_AUTO_MIN_IMAGES - 1} images per process.")
@@ -84,7 +85,7 @@ def parse_args(argv=None):
                       help="Opt-in, changes the numbers: run the transformer blocks' matmuls in fp8 (e4m3, one scale "
                            "per token and per output channel; cosmos_t2i/fp8.py). Measured compiled (--compile on, or "
                            "a prompt list) on an H100: 2B "
-                           "2.03 s and 14B 9.7 s per image instead of 2.5 s and 14.4 s, latents within about 4%% of "
+                           "1.96 s and 14B 9.6 s per image instead of 2.48 s and 14.0 s, latents within about 4%% of "
                            "bf16 (BENCHMARKS.md). Needs a GPU with fp8 tensor cores (compute capability 8.9+); LoRAs "
                            "are fused first (--fuse_lora implied).")
 
