@@ -77,7 +77,7 @@ def parse_args(argv=None):
                            f"{COMPILE_AUTO_MIN_IMAGES - 1} images per process.")
     fast.add_argument("--no_cuda_graph", action="store_true",
                       help="Launch each sampling step's kernels from Python (default on a GPU: replay them from a "
-                           "CUDA graph recorded on the first step, same numbers; the GPU no longer waits on the CPU).")
+                           "CUDA graph recorded on the first step: same numbers, and the GPU waits less on the CPU).")
     fast.add_argument("--stock_vae", action="store_true",
                       help="Decode with the VAE's 3D convolutions as diffusers does (default: the same sums as 2D "
                            "convolutions on the one frame of an image, 1.4x faster decoding).")

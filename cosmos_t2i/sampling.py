@@ -110,7 +110,8 @@ def _guardrail_frames(video_processor, video: torch.Tensor) -> np.ndarray:
 
     The pipeline denormalizes on the GPU, then copies float32 frames to the CPU and scales and truncates them there
     with numpy. The same IEEE float32 multiply and truncation on the GPU give the same bytes, and a quarter of
-    them cross to the CPU (~25 ms less per 1360x768 image on the H100 machine; BENCHMARKS.md).
+    them cross to the CPU (less work; on the H100 machines the decode time did not move beyond their differences,
+    BENCHMARKS.md).
     """
     denormalized = video_processor.postprocess_video(video, output_type="pt")  # [B, F, C, H, W], as the pipeline
     return (denormalized.float() * 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
@@ -120,8 +121,8 @@ def _guardrail_frames_to_output(video_processor, output_type: str) -> np.ndarray
     """The pipeline's post-guardrail conversion of a uint8 pixel value, as a 256-entry lookup table.
 
     That conversion (to float, back to [-1, 1], denormalize, and for PIL round to uint8) is elementwise, so running
-    the pipeline's own code once on the 256 possible values gives every output pixel exactly, without the ~20 ms
-    of float passes over the whole image on the CPU.
+    the pipeline's own code once on the 256 possible values gives every output pixel exactly, without the float
+    passes over the whole image on the CPU (15-60 ms for a 1360x768 image on a 2-core development machine).
     """
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', not {output_type!r}.")
@@ -132,6 +133,7 @@ def _guardrail_frames_to_output(video_processor, output_type: str) -> np.ndarray
     out = video_processor.postprocess_video(video, output_type=output_type)
     row = np.asarray(out[0][0])[0]  # [256, 3]: value v in pixel v
     return row[:, 0].copy()
+
 
 @torch.no_grad()
 def generate(
