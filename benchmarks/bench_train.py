@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    Timer, device_name, free_memory, peak_gib, allocator_stats, profile_kernels, reset_peak_memory, train_flops_per_sample, write_table,
+    Timer, allocator_stats, device_name, free_memory, peak_gib, profile_kernels, reset_peak_memory,
+    train_flops_per_sample, write_table,
 )
 from cosmos_t2i import speed, trainable  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
@@ -70,8 +71,6 @@ FULL_VARIANTS = [
             fused_adamw=True, activation_memory_budget=0.8, expandable_segments=True),
     Variant("compiled + fused AdamW, batch 7, activation budget 0.7, expandable segments", 7, compile=True,
             fused_adamw=True, activation_memory_budget=0.7, expandable_segments=True),
-    Variant("compiled + fused AdamW, batch 8, activation budget 0.6, expandable segments", 8, compile=True,
-            fused_adamw=True, activation_memory_budget=0.6, expandable_segments=True),
     Variant("compiled + fused AdamW, batch 6, activation budget 0.8, inductor multi-kernel", 6, compile=True,
             fused_adamw=True, activation_memory_budget=0.8, multi_kernel=True),
     Variant("compiled + fused AdamW with the clip in its step, batch 6, activation budget 0.8", 6, compile=True,

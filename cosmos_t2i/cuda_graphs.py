@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from .sampling import call_transformer
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ class GraphedTransformer:
     def __init__(self, transformer, warmup_calls: int = 2):
         if transformer.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the transformer on a CUDA GPU, not {transformer.device}.")
-        self.transformer = transformer
+        self._forward = call_transformer(transformer)
         self.warmup_calls = warmup_calls  # compilation, autotuning and cuDNN plans happen here, outside capture
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
@@ -46,11 +48,6 @@ class GraphedTransformer:
             static.copy_(value)
         graph.replay()
         return static_output.clone()  # the next replay overwrites static_output
-
-    def _forward(self, hidden_states, timestep, encoder_hidden_states, padding_mask) -> torch.Tensor:
-        return self.transformer(hidden_states=hidden_states, timestep=timestep,
-                                encoder_hidden_states=encoder_hidden_states, padding_mask=padding_mask,
-                                return_dict=False)[0]
 
     def _record_or_none(self, inputs):
         """The recorded graph, or None where recording ran out of memory (the graph keeps its own copy of one call's

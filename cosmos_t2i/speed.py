@@ -1,6 +1,7 @@
 """Speed levers that do not change the math, shared by training, inference and the benchmarks.
 
-Each is measured against the plain path in benchmarks/ (numbers in BENCHMARKS.md), and each can be turned off.
+Each is measured against the plain path in benchmarks/ (numbers in BENCHMARKS.md), and each can be turned off,
+except the gradient clip inside fused AdamW, which changes only a rounding (a division for a multiplication).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def compile_transformer_blocks(transformer, mode: str | None = None, activation_
     torch._functorch.config.activation_memory_budget = activation_memory_budget
     # Inductor writes a reduction over a long row (layer norm over 2048 channels, the fp8 amax over 8192) as a loop
     # that reads the row twice; multi-kernel also builds a one-pass version and keeps the faster after timing both
-    # on first use. 2.5% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
+    # on first use. 2.3% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
     torch._inductor.config.triton.multi_kernel = int(multi_kernel)
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)
