@@ -61,18 +61,18 @@ def distribution_change_refused(saved: dict, current: dict) -> str | None:
     """Why the optimizer state saved under `saved`'s distribution cannot be resumed under `current`'s, or None.
 
     A single process, DDP and MULTI_CPU all write the full optimizer state, which loads on any number of processes.
-    FSDP and DeepSpeed write it sharded, each in its own layout. torch.distributed.checkpoint, which accelerate's
-    FSDP2 load uses, can reshard, but accelerate runs FSDP on GPUs only and no test here covers that path, so a
-    sharded run resumes on its own number of processes only."""
+    FSDP writes it sharded with torch.distributed.checkpoint, which reshards on load: any number of FSDP processes
+    (tests/test_multi_gpu.py, on two GPUs). DeepSpeed writes its own per-rank ZeRO shards, which load on the same
+    number of processes only."""
     before, now = optimizer_layout(saved["distributed_type"]), optimizer_layout(current["distributed_type"])
     if before != now:
         return (f"distributed_type: {saved['distributed_type']} there, {current['distributed_type']} now. The "
                 f"checkpoint holds {_LAYOUTS[before]}, this launch reads {_LAYOUTS[now]}: launch with the same kind of "
                 f"accelerate config as the saving run (single process or DDP: any number of processes), or "
                 f"{_START_OVER}.")
-    if now != "full" and saved["world_size"] != current["world_size"]:
-        return (f"world_size: {saved['world_size']} there, {current['world_size']} now, under {now}. Its optimizer "
-                f"state is sharded per process, and resharding it for another number of processes is not "
-                f"supported (untested: accelerate runs FSDP and DeepSpeed on GPUs only): launch "
-                f"{saved['world_size']} processes again, or {_START_OVER}.")
+    if now == "DEEPSPEED" and saved["world_size"] != current["world_size"]:
+        return (f"world_size: {saved['world_size']} there, {current['world_size']} now, under DeepSpeed. Its "
+                f"optimizer state is sharded per process, and this trainer does not reshard DeepSpeed checkpoints: "
+                f"launch {saved['world_size']} processes again, use the FSDP2 config (which reshards), or "
+                f"{_START_OVER}.")
     return None

@@ -3,7 +3,7 @@ what BENCHMARKS.md quotes: the fast path's first loss and final latents next to 
 
 import json
 
-from benchmarks import bench_infer, bench_train
+from benchmarks import bench_infer, bench_scaling, bench_train
 
 
 def test_bench_train_compares_the_fast_path_with_the_plain_one(tmp_path):
@@ -24,3 +24,13 @@ def test_bench_infer_reports_decode_time_and_the_fp8_error(tmp_path):
     assert plain["latent_rel_err_vs_plain"] == "0.0e+00" and "fp8" in fp8["variant"]
     assert 0 < float(fp8["latent_rel_err_vs_plain"]) < 0.1
     assert 0 < fp8["decode_s"] < fp8["s_per_image"]
+
+
+def test_bench_scaling_reads_the_training_scripts_throughput(tiny_model_dir, tmp_path):
+    out = tmp_path / "scaling.md"
+    bench_scaling.main(["--workload", "14B_lora_ddp", "--model", "tiny", "--gpus", "1", "--steps", "4",
+                        "--height", "64", "--width", "64", "--out", str(out), "--", "--dataloader_num_workers", "0"])
+    [row] = json.loads(out.with_suffix(".json").read_text())
+    assert "error" not in row, (tmp_path / "14B_lora_ddp_1gpu.log").read_text()[-3000:]
+    assert row["gpus"] == 1 and row["config"] == "single_gpu.yaml" and row["scaling"] == "100.0%"
+    assert row["samples_per_s"] > 0 and row["per_gpu"] == row["samples_per_s"]

@@ -1,0 +1,82 @@
+"""FSDP2 through `accelerate launch` and NCCL, as users run it: needs two CUDA GPUs, skipped elsewhere.
+
+accelerate runs FSDP on GPUs only, so this is the one place the FSDP2 training path (sharded parameters, EMA of
+the shards, model/ gathered to the main process, the optimizer state saved and resharded by
+torch.distributed.checkpoint) runs end to end. A run saved by 2 processes resumes on 2, on 1 (accumulating 2
+batches: the same effective batch) and back on 2, and each continues the same training: the same images with the
+same noise each step, so the weights match the uninterrupted run's to float rounding.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_dataset, pattern_image, weights
+
+from cosmos_t2i import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 over NCCL needs two CUDA GPUs")
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_model_dir, tmp_path_factory):
+    images = [(pattern_image(64, 64, i), f"caption {i}") for i in range(3)] + [(pattern_image(96, 48, 3), "wide")]
+    return make_dataset(tmp_path_factory.mktemp("fsdp") / "data", images, cache_latents=True)
+
+
+def _launch(processes: int, accumulation: int, dataset, output_dir, *more) -> str:
+    # NVLink multicast stays off on shared hosts (it can take the host's GPUs down); NCCL reads these itself.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               NVSHMEM_DISABLE_NVLS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(ROOT / "accelerate_configs" / "fsdp2_8gpu.yaml"), "--num_processes", str(processes),
+               str(ROOT / "train_text2image.py"), "--model", "tiny", "--dataset_dir", str(dataset),
+               "--output_dir", str(output_dir), "--max_iter", str(STEPS), "--save_iter", "2",
+               "--train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation),
+               "--mixed_precision", "no", "--learning_rate", "1e-3", "--report_to", "none", *map(str, more)]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result.stderr
+
+
+def _assert_same_training(checkpoint, reference):
+    for ema in (False, True):
+        got = weights(checkpoint, ema)
+        for name, tensor in weights(reference, ema).items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} (EMA: {ema})")
+
+
+def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
+    # Compiled blocks (the default on a GPU) in the reference; the resumes run eager, which must not matter.
+    _launch(2, 1, dataset, tmp_path / "straight")
+    straight = ckpt.latest_checkpoint(tmp_path / "straight")
+    assert straight.name == ckpt.iter_name(STEPS)
+    assert ckpt.read_config(straight)["distributed_type"] == "DistributedType.FSDP"
+    at_2 = straight.parent / ckpt.iter_name(2)
+    # The optimizer state is sharded (one file per rank and the metadata), model/ and model/ema/ are whole.
+    shards = sorted(p.name for p in (at_2 / "optim").rglob("*") if p.is_file())
+    assert len([s for s in shards if s.endswith(".distcp")]) == 2 and ".metadata" in shards, shards
+    assert weights(at_2).keys() == weights(at_2, ema=True).keys()
+
+    same = _launch(2, 1, dataset, tmp_path / "same", "--resume_from_checkpoint", at_2, "--no_compile")
+    assert "not bit-identical" not in same
+    _assert_same_training(ckpt.latest_checkpoint(tmp_path / "same"), straight)
+
+    one_log = _launch(1, 2, dataset, tmp_path / "one", "--resume_from_checkpoint", at_2, "--no_compile")
+    assert "Resuming on 1 processes a checkpoint saved by 2" in one_log and "effective batch" not in one_log
+    one = ckpt.latest_checkpoint(tmp_path / "one")
+    assert ckpt.read_state(one) == {"data_position": 2 * STEPS, "iteration": STEPS}
+    _assert_same_training(one, straight)
+
+    one_at_4 = one.parent / ckpt.iter_name(4)
+    back_log = _launch(2, 1, dataset, tmp_path / "back", "--resume_from_checkpoint", one_at_4, "--no_compile")
+    assert "Resuming on 2 processes a checkpoint saved by 1" in back_log
+    back = ckpt.latest_checkpoint(tmp_path / "back")
+    name = "proj_out.weight"
+    assert not torch.equal(weights(back)[name], weights(one_at_4)[name])  # it trained after the resume
+    _assert_same_training(back, straight)
