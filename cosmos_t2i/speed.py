@@ -37,6 +37,11 @@ def compile_transformer_blocks(transformer, mode: str | None = None, activation_
     # that reads the row twice; multi-kernel also builds a one-pass version and keeps the faster after timing both
     # on first use. 2.3% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
     torch._inductor.config.triton.multi_kernel = int(multi_kernel)
+    # Under DDP, dynamo would split every block's graph at DDP's 25 MB gradient-bucket boundaries (8 pieces for a 2B
+    # block) so that the all-reduce could start inside it: fusion and the activation budget are then applied piece
+    # by piece. A block is already a small enough unit to overlap with; the 2B step on two H200s ran 11% slower than
+    # on one with the split (BENCHMARKS.md).
+    torch._dynamo.config.optimize_ddp = False
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)
         if inner is None:
