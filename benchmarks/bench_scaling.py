@@ -51,6 +51,9 @@ WORKLOADS = {
     # EMA (another 56 GB) fits from 4 GPUs on; --ema adds it back.
     "14B_full_fsdp2": Workload("14B", "fsdp2_8gpu.yaml",
                                ["--train_batch_size", "2", "--gradient_checkpointing", "--no_ema"], recompute=1.0),
+    # The same with DeepSpeed ZeRO-3 (pip install deepspeed): bf16 weights and fp32 master weights in its optimizer.
+    "14B_full_zero3": Workload("14B", "deepspeed_zero3.yaml",
+                               ["--train_batch_size", "2", "--gradient_checkpointing", "--no_ema"], recompute=1.0),
     "14B_lora_ddp": Workload("14B", "ddp_8gpu.yaml", ["--lora", "--train_batch_size", "1"], lora=True),
 }
 

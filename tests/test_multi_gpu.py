@@ -1,4 +1,5 @@
-"""FSDP2 through `accelerate launch` and NCCL, as users run it: needs two CUDA GPUs, skipped elsewhere.
+"""FSDP2 and DeepSpeed through `accelerate launch` and NCCL, as users run them: needs two CUDA GPUs (and
+deepspeed for its tests), skipped elsewhere.
 
 accelerate runs FSDP on GPUs only, so this is the one place the FSDP2 training path (sharded parameters, EMA of
 the shards, model/ gathered to the main process, the optimizer state saved and resharded by
@@ -29,12 +30,12 @@ def dataset(tiny_model_dir, tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("fsdp") / "data", images, cache_latents=True)
 
 
-def _launch(processes: int, accumulation: int, dataset, output_dir, *more) -> str:
+def _launch(processes: int, accumulation: int, dataset, output_dir, *more, config="fsdp2_8gpu.yaml") -> str:
     # NVLink multicast stays off on shared hosts (it can take the host's GPUs down); NCCL reads these itself.
     env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                NVSHMEM_DISABLE_NVLS="1")
     command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(ROOT / "accelerate_configs" / "fsdp2_8gpu.yaml"), "--num_processes", str(processes),
+               "--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", str(processes),
                str(ROOT / "train_text2image.py"), "--model", "tiny", "--dataset_dir", str(dataset),
                "--output_dir", str(output_dir), "--max_iter", str(STEPS), "--save_iter", "2",
                "--train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation),
@@ -44,8 +45,8 @@ def _launch(processes: int, accumulation: int, dataset, output_dir, *more) -> st
     return result.stderr
 
 
-def _assert_same_training(checkpoint, reference):
-    for ema in (False, True):
+def _assert_same_training(checkpoint, reference, ema_too=True):
+    for ema in (False, True) if ema_too else (False,):
         got = weights(checkpoint, ema)
         for name, tensor in weights(reference, ema).items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} (EMA: {ema})")
@@ -80,3 +81,19 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
     name = "proj_out.weight"
     assert not torch.equal(weights(back)[name], weights(one_at_4)[name])  # it trained after the resume
     _assert_same_training(back, straight)
+
+
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_run_resumes_where_it_stopped(config, dataset, tmp_path):
+    pytest.importorskip("deepspeed")
+    # EMA needs whole parameters, which ZeRO-3 partitions (the trainer refuses the combination).
+    ema = [] if config == "deepspeed_zero2.yaml" else ["--no_ema"]
+    _launch(2, 1, dataset, tmp_path / "straight", *ema, config=config)
+    straight = ckpt.latest_checkpoint(tmp_path / "straight")
+    assert ckpt.read_config(straight)["distributed_type"] == "DistributedType.DEEPSPEED"
+    at_2 = straight.parent / ckpt.iter_name(2)
+    _launch(2, 1, dataset, tmp_path / "resumed", *ema, "--resume_from_checkpoint", at_2, config=config)
+    resumed = ckpt.latest_checkpoint(tmp_path / "resumed")
+    name = "proj_out.weight"
+    assert not torch.equal(weights(resumed)[name], weights(at_2)[name])
+    _assert_same_training(resumed, straight, ema_too=not ema)
