@@ -254,6 +254,8 @@ def main(args):
     )
     # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(args.max_iter, args.lr_start_factor))
+    if _deepspeed(accelerator):  # DeepSpeed's engine needs the micro-batch; our data loader is not prepared
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
     ema = PowerEMA(accelerator.unwrap_model(transformer).named_parameters(), args.ema_sigma_rel) if args.ema else None
