@@ -13,6 +13,7 @@ global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unles
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -305,7 +306,7 @@ def main(args):
             loss_sum = torch.zeros((), device=device)
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
-                with accelerator.accumulate(transformer):
+                with accelerator.accumulate(transformer), _deepspeed_autocast(accelerator, weight_dtype):
                     if "latents" in batch:
                         x0 = batch["latents"].to(device, torch.float32)
                     else:
@@ -410,9 +411,9 @@ def _noise_seed(seed: int, batch: int) -> int:
 
 
 def _global(norm) -> float | None:
-    """The total gradient norm as a float (None under DeepSpeed before its first step)."""
-    if norm is None:
-        return None
+    """The total gradient norm as a float (DeepSpeed gives a float, or None before its first step)."""
+    if norm is None or isinstance(norm, float):
+        return norm
     from torch.distributed.tensor import DTensor
 
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
@@ -432,6 +433,14 @@ def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> N
 
 def _deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _deepspeed_autocast(accelerator, weight_dtype):
+    """DeepSpeed keeps the weights themselves in bf16 and leaves autocast off, so the fp32 latents and timesteps
+    would meet bf16 weights: autocast casts the inputs as the native mixed-precision path does."""
+    if _deepspeed(accelerator) and weight_dtype != torch.float32:
+        return torch.autocast(accelerator.device.type, dtype=weight_dtype)
+    return contextlib.nullcontext()
 
 
 def _zero3(accelerator) -> bool:
