@@ -13,7 +13,6 @@ global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unles
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -226,7 +225,9 @@ def main(args):
 
     device = accelerator.device
     weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
-    text_dtype = weight_dtype if args.lora else torch.float32  # the dtype of the weights that read it first
+    # The dtype of the weights that read the inputs first: fp32 masters under autocast, but a frozen base (LoRA)
+    # and DeepSpeed's bf16 mode (which turns autocast off and keeps the masters in its optimizer) hold bf16 weights.
+    text_dtype = weight_dtype if args.lora or _deepspeed(accelerator) else torch.float32
     validator = None
     if args.validation_prompt:
         embeds = encode_prompts(model_path, args.validation_prompt, device, weight_dtype) \
@@ -296,7 +297,7 @@ def main(args):
     accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
     logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
                 args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
-                args.learning_rate * args.lr_start_factor, sum(p.numel() for p in trainable))
+                args.learning_rate * args.lr_start_factor, sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     samples_per_step = effective_batch(config)
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
     nonfinite_in_a_row, step_seconds = 0, []
@@ -306,7 +307,7 @@ def main(args):
             loss_sum = torch.zeros((), device=device)
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
-                with accelerator.accumulate(transformer), _deepspeed_autocast(accelerator, weight_dtype):
+                with accelerator.accumulate(transformer):
                     if "latents" in batch:
                         x0 = batch["latents"].to(device, torch.float32)
                     else:
@@ -433,14 +434,6 @@ def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> N
 
 def _deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def _deepspeed_autocast(accelerator, weight_dtype):
-    """DeepSpeed keeps the weights themselves in bf16 and leaves autocast off, so the fp32 latents and timesteps
-    would meet bf16 weights: autocast casts the inputs as the native mixed-precision path does."""
-    if _deepspeed(accelerator) and weight_dtype != torch.float32:
-        return torch.autocast(accelerator.device.type, dtype=weight_dtype)
-    return contextlib.nullcontext()
 
 
 def _zero3(accelerator) -> bool:

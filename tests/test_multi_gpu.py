@@ -30,7 +30,8 @@ def dataset(tiny_model_dir, tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("fsdp") / "data", images, cache_latents=True)
 
 
-def _launch(processes: int, accumulation: int, dataset, output_dir, *more, config="fsdp2_8gpu.yaml") -> str:
+def _launch(processes: int, accumulation: int, dataset, output_dir, *more, config="fsdp2_8gpu.yaml",
+            precision="no") -> str:
     # NVLink multicast stays off on shared hosts (it can take the host's GPUs down); NCCL reads these itself.
     env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                NVSHMEM_DISABLE_NVLS="1")
@@ -39,17 +40,17 @@ def _launch(processes: int, accumulation: int, dataset, output_dir, *more, confi
                str(ROOT / "train_text2image.py"), "--model", "tiny", "--dataset_dir", str(dataset),
                "--output_dir", str(output_dir), "--max_iter", str(STEPS), "--save_iter", "2",
                "--train_batch_size", "1", "--gradient_accumulation_steps", str(accumulation),
-               "--mixed_precision", "no", "--learning_rate", "1e-3", "--report_to", "none", *map(str, more)]
+               "--mixed_precision", precision, "--learning_rate", "1e-3", "--report_to", "none", *map(str, more)]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     return result.stderr
 
 
-def _assert_same_training(checkpoint, reference, ema_too=True):
+def _assert_same_training(checkpoint, reference, ema_too=True, rtol=1e-4, atol=1e-5):
     for ema in (False, True) if ema_too else (False,):
         got = weights(checkpoint, ema)
         for name, tensor in weights(reference, ema).items():
-            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} (EMA: {ema})")
+            torch.testing.assert_close(got[name], tensor, rtol=rtol, atol=atol, msg=f"{name} (EMA: {ema})")
 
 
 def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
@@ -83,17 +84,21 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
     _assert_same_training(back, straight)
 
 
-@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
-def test_deepspeed_run_resumes_where_it_stopped(config, dataset, tmp_path):
+@pytest.mark.parametrize("config, precision", [("deepspeed_zero2.yaml", "bf16"), ("deepspeed_zero3.yaml", "no")])
+def test_deepspeed_run_resumes_where_it_stopped(config, precision, dataset, tmp_path):
     pytest.importorskip("deepspeed")
     # EMA needs whole parameters, which ZeRO-3 partitions (the trainer refuses the combination).
-    ema = [] if config == "deepspeed_zero2.yaml" else ["--no_ema"]
-    _launch(2, 1, dataset, tmp_path / "straight", *ema, config=config)
+    flags = [] if config == "deepspeed_zero2.yaml" else ["--no_ema"]
+    _launch(2, 1, dataset, tmp_path / "straight", *flags, config=config, precision=precision)
     straight = ckpt.latest_checkpoint(tmp_path / "straight")
     assert ckpt.read_config(straight)["distributed_type"] == "DistributedType.DEEPSPEED"
     at_2 = straight.parent / ckpt.iter_name(2)
-    _launch(2, 1, dataset, tmp_path / "resumed", *ema, "--resume_from_checkpoint", at_2, config=config)
+    _launch(2, 1, dataset, tmp_path / "resumed", *flags, "--resume_from_checkpoint", at_2, config=config,
+            precision=precision)
     resumed = ckpt.latest_checkpoint(tmp_path / "resumed")
+    assert sorted(p.name for p in resumed.parent.glob("iter_*")) == ["iter_000000004", "iter_000000006"]
     name = "proj_out.weight"
     assert not torch.equal(weights(resumed)[name], weights(at_2)[name])
-    _assert_same_training(resumed, straight, ema_too=not ema)
+    # DeepSpeed's bf16 mode keeps the model's own weights (what model/ holds) in bf16: two of its steps may round.
+    tolerance = dict(rtol=2e-2, atol=1e-3) if precision == "bf16" else {}
+    _assert_same_training(resumed, straight, ema_too=not flags, **tolerance)
