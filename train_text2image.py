@@ -191,6 +191,15 @@ def main(args):
     if args.ema and _zero3(accelerator):
         raise ValueError("EMA under DeepSpeed ZeRO-3 is not supported (the parameters are partitioned): use the "
                          "FSDP2 config, or --no_ema.")
+    if args.compile and _zero3(accelerator):
+        # ZeRO-3's parameter hooks run inside each block and dynamo recompiled them block after block until its
+        # limit (32), then ran the rest eager (two H200s, tests/test_multi_gpu.py); FSDP2 compiles cleanly.
+        if args.activation_memory_budget < 1.0:
+            raise ValueError("--activation_memory_budget is applied by torch.compile, which DeepSpeed ZeRO-3 runs "
+                             "without: use --gradient_checkpointing, or the FSDP2 config.")
+        logger.warning("DeepSpeed ZeRO-3: the transformer blocks run eager (compiled, they recompile per block). "
+                       "The FSDP2 config (accelerate_configs/fsdp2_8gpu.yaml) compiles them.")
+        args.compile = False
 
     # The optimizer checkpoint's format and the data order depend on how the run is spread over processes.
     config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,

@@ -37,10 +37,11 @@ def compile_transformer_blocks(transformer, mode: str | None = None, activation_
     # that reads the row twice; multi-kernel also builds a one-pass version and keeps the faster after timing both
     # on first use. 2.3% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
     torch._inductor.config.triton.multi_kernel = int(multi_kernel)
-    # Under DDP, dynamo would split every block's graph at DDP's 25 MB gradient-bucket boundaries (8 pieces for a 2B
-    # block) so that the all-reduce could start inside it: fusion and the activation budget are then applied piece
-    # by piece. A block is already a small enough unit to overlap with; the 2B step on two H200s ran 11% slower than
-    # on one with the split (BENCHMARKS.md).
+    # Under DDP, dynamo would split every block's graph at DDP's 25 MB gradient-bucket boundaries (a 2B block holds
+    # ~280 MB of fp32 weights) so that the all-reduce could start inside it; fusion and the activation budget then
+    # apply piece by piece. A block is already a fine enough unit to overlap with: two H200s ran the 2B step at 89%
+    # of one GPU's rate per GPU with the split, 95% without it and with DDP's gradients as bucket views (the trainer's
+    # DistributedDataParallelKwargs; BENCHMARKS.md).
     torch._dynamo.config.optimize_ddp = False
     for block in transformer.transformer_blocks:
         inner = getattr(block, "_forward_under_checkpoint", None)

@@ -12,7 +12,9 @@ def test_bench_train_compares_the_fast_path_with_the_plain_one(tmp_path):
                       "--warmup", "1", "--variants", "2", "--out", str(out)])
     plain, fast = json.loads(out.with_suffix(".json").read_text())
     assert plain["variant"].startswith("plain") and "fused AdamW" in fast["variant"]
-    assert float(fast["loss_vs_plain"]) < 1e-4  # same weights, inputs and noise: only rounding differs
+    # Same weights, inputs and noise: only bf16 rounding differs (1.4e-4 on an AMD EPYC, under 1e-4 elsewhere; one
+    # bf16 rounding is 3.9e-3, a change of the math moves the loss by far more).
+    assert float(fast["loss_vs_plain"]) < 1e-3
     assert "| compiled + fused AdamW | 2 |" in out.read_text()
 
 
