@@ -171,6 +171,20 @@ def test_saving_the_same_iteration_again_never_leaves_latest_naming_nothing(tmp_
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000000001", "latest_checkpoint.txt"]
 
 
+def test_transformer_weights_read_each_tensor_from_its_shard_file(tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    tensors = {f"block_{i}.weight": torch.randn(64, 64) for i in range(4)}
+    save_torch_state_dict(tensors, tmp_path, filename_pattern=ckpt.TRANSFORMER_WEIGHTS, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))) == 2  # two 16 KB tensors a file
+    read = ckpt.read_transformer_weights(tmp_path)
+    assert sorted(read) == sorted(tensors) and len(read) == 4
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor)
+    with pytest.raises(KeyError):
+        read["missing.weight"]
+
+
 def test_model_card_and_upload_folder(tmp_path):
     model_dir = tmp_path / "iter_000000100" / "model"
     (model_dir / "ema").mkdir(parents=True)
