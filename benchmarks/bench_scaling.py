@@ -8,7 +8,8 @@ workload's 1-GPU row when there is one.
     python benchmarks/bench_scaling.py --workload 2B_full_ddp --gpus 1,2,4,8
     python benchmarks/bench_scaling.py --workload 14B_full_fsdp2 --gpus 8 --steps 8
 
-Multi-GPU machines share NVLink with others: NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends below).
+Every launch keeps NVLink multicast off (NCCL_NVLS_ENABLE=0 and the two below): on a shared host it can take the
+host's GPUs out of service.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ WORKLOADS = {
     "2B_full_ddp": Workload("2B", "ddp_8gpu.yaml", ["--train_batch_size", "6", "--activation_memory_budget", "0.8"]),
     "2B_full_fsdp2": Workload("2B", "fsdp2_8gpu.yaml",
                               ["--train_batch_size", "6", "--activation_memory_budget", "0.8"]),
-    # fp32 weights, gradients and AdamW state are 16 bytes a parameter (224 GB): sharded, every block checkpointed.
-    # EMA (another 56 GB) fits from 4 GPUs on; --ema adds it back.
+    # fp32 weights, gradients and AdamW state are 16 bytes a parameter (224 GB): sharded, every block checkpointed,
+    # and no EMA (another 56 GB), which does not fit on two H200s; `-- --ema` adds it back on more GPUs.
     "14B_full_fsdp2": Workload("14B", "fsdp2_8gpu.yaml",
                                ["--train_batch_size", "2", "--gradient_checkpointing", "--no_ema"], recompute=1.0),
     # The same with DeepSpeed ZeRO-3 (pip install deepspeed): bf16 weights and fp32 master weights in its optimizer.
@@ -82,7 +83,8 @@ def launch(workload: Workload, processes: int, steps: int, height: int, width: i
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS),
+                        help="Model, parallelism and flags (WORKLOADS in this file).")
     parser.add_argument("--model", default=None, help="Another model for the workload's flags (tiny: a CPU smoke "
                         "test of this script).")
     parser.add_argument("--gpus", default="1,2", help="Comma-separated process counts, one launch each.")
