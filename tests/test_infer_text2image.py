@@ -7,10 +7,13 @@ import shlex
 
 import numpy as np
 import pytest
+import torch
 from infer_helpers import PROMPT, make_full_checkpoint, stock_image
 from PIL import Image
 
 import infer_text2image as infer
+from cosmos_t2i.checkpoint_paths import resolve_checkpoint
+from cosmos_t2i.pipeline import load_transformer
 from cosmos_t2i.presets import PRESETS
 
 # --stock_vae: several tests compare with diffusers' own pipeline bit for bit, which the 2D convolutions of the
@@ -78,10 +81,18 @@ def test_nvidia_pt_gives_the_same_images_as_the_checkpoint_it_came_from(full_run
     pt = tmp_path / "iter_000000500.pt"
     export_checkpoint.main(export_checkpoint.parse_args(
         ["nvidia", "--checkpoint", str(iter_dir), "--output", str(pt), "--dtype", "float32"]))
-    for ema in ([], ["--load_ema"]):
-        ours = run(tmp_path / "ours.png", "--dit_path", str(iter_dir), *ema)
-        nvidia = run(tmp_path / "nvidia.png", "--dit_path", str(pt), *ema)
-        assert np.array_equal(ours, nvidia)
+    for ema in (False, True):
+        # The same weights, bit for bit...
+        ours = load_transformer("tiny", resolve_checkpoint(str(iter_dir), ema), torch.float32).state_dict()
+        nvidia = load_transformer("tiny", resolve_checkpoint(str(pt), ema), torch.float32).state_dict()
+        assert ours.keys() == nvidia.keys() and all(torch.equal(ours[k], nvidia[k]) for k in ours)
+        # ...give the same image, though not always bit for bit on a CPU: from these bit-identical weights one pixel
+        # came out one level apart in some runs on an AMD EPYC. The loaders leave the weights at other memory
+        # alignments (safetensors: 8 bytes, torch.load: 64), which can change how the CPU's vector kernels sum.
+        flags = ["--load_ema"] if ema else []
+        ours = run(tmp_path / "ours.png", "--dit_path", str(iter_dir), *flags).astype(int)
+        nvidia = run(tmp_path / "nvidia.png", "--dit_path", str(pt), *flags).astype(int)
+        assert np.abs(ours - nvidia).max() <= 1
 
 
 def test_sidecar_records_everything_and_its_command_remakes_the_image(full_run, tmp_path):
