@@ -193,7 +193,7 @@ def main(args):
                          "FSDP2 config, or --no_ema.")
     if args.compile and _zero3(accelerator):
         # ZeRO-3's parameter hooks run inside each block and dynamo recompiled them block after block until its
-        # limit (32), then ran the rest eager (two H200s, tests/test_multi_gpu.py); FSDP2 compiles cleanly.
+        # limit (32), then ran the rest eager (tests/test_multi_gpu.py on two H200s); FSDP2 compiles cleanly.
         if args.activation_memory_budget < 1.0:
             raise ValueError("--activation_memory_budget is applied by torch.compile, which DeepSpeed ZeRO-3 runs "
                              "without: use --gradient_checkpointing, or the FSDP2 config.")
