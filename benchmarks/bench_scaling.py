@@ -8,8 +8,7 @@ workload's 1-GPU row when there is one.
     python benchmarks/bench_scaling.py --workload 2B_full_ddp --gpus 1,2,4,8
     python benchmarks/bench_scaling.py --workload 14B_full_fsdp2 --gpus 8 --steps 8
 
-Every launch keeps NVLink multicast off (NCCL_NVLS_ENABLE=0 and the two below): on a shared host it can take the
-host's GPUs out of service.
+Every launch keeps NVLink multicast off (benchmarks.common.MULTICAST_OFF).
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import train_flops_per_sample, write_table  # noqa: E402
+from benchmarks.common import MULTICAST_OFF, train_flops_per_sample, write_table  # noqa: E402
 from cosmos_t2i.presets import transformer_config  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 THROUGHPUT = re.compile(r"Throughput: ([\d.]+) samples/s, ([\d.]+) ms/step over \d+ steps(?:; peak GPU memory "
                         r"([\d.]+) GiB)?")
 
@@ -75,7 +73,7 @@ def launch(workload: Workload, processes: int, steps: int, height: int, width: i
     found = THROUGHPUT.findall(text)
     if code or not found:
         print(text[-3000:], flush=True)
-        return dict(gpus=processes, config=config, error=f"exit {code}, see {log_path.name}")
+        return dict(gpus=processes, config=config, error=f"exit {code}, see {log_path}")
     samples_per_s, step_ms, peak = found[-1]
     return dict(gpus=processes, config=config, samples_per_s=float(samples_per_s), step_ms=float(step_ms),
                 peak_gib=float(peak) if peak else "")

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 TEXT_TOKENS = 512
+# Multi-GPU launches on shared hosts keep NVLink multicast off in NCCL, PyTorch and NVSHMEM: a program using it can
+# take the host's GPUs out of service. The launched processes read these from their environment.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def forward_flops_per_sample(config: dict, height: int, width: int) -> float:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_dataset, pattern_image, weights
+from train_helpers import assert_same_training, two_bucket_dataset, weights
 
+from benchmarks.common import MULTICAST_OFF
 from cosmos_t2i import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +27,12 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 ove
 
 @pytest.fixture(scope="module")
 def dataset(tiny_model_dir, tmp_path_factory):
-    images = [(pattern_image(64, 64, i), f"caption {i}") for i in range(3)] + [(pattern_image(96, 48, 3), "wide")]
-    return make_dataset(tmp_path_factory.mktemp("fsdp") / "data", images, cache_latents=True)
+    return two_bucket_dataset(tmp_path_factory.mktemp("fsdp") / "data")
 
 
 def _launch(processes: int, accumulation: int, dataset, output_dir, *more, config="fsdp2_8gpu.yaml",
             precision="no") -> str:
-    # NVLink multicast stays off on shared hosts (it can take the host's GPUs down); NCCL reads these itself.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-               NVSHMEM_DISABLE_NVLS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **MULTICAST_OFF)
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(ROOT / "accelerate_configs" / config), "--num_processes", str(processes),
                str(ROOT / "train_text2image.py"), "--model", "tiny", "--dataset_dir", str(dataset),
@@ -44,13 +42,6 @@ def _launch(processes: int, accumulation: int, dataset, output_dir, *more, confi
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     return result.stderr
-
-
-def _assert_same_training(checkpoint, reference, ema_too=True, rtol=1e-4, atol=1e-5):
-    for ema in (False, True) if ema_too else (False,):
-        got = weights(checkpoint, ema)
-        for name, tensor in weights(reference, ema).items():
-            torch.testing.assert_close(got[name], tensor, rtol=rtol, atol=atol, msg=f"{name} (EMA: {ema})")
 
 
 def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
@@ -67,13 +58,13 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
 
     same = _launch(2, 1, dataset, tmp_path / "same", "--resume_from_checkpoint", at_2, "--no_compile")
     assert "not bit-identical" not in same
-    _assert_same_training(ckpt.latest_checkpoint(tmp_path / "same"), straight)
+    assert_same_training(ckpt.latest_checkpoint(tmp_path / "same"), straight)
 
     one_log = _launch(1, 2, dataset, tmp_path / "one", "--resume_from_checkpoint", at_2, "--no_compile")
     assert "Resuming on 1 processes a checkpoint saved by 2" in one_log and "effective batch" not in one_log
     one = ckpt.latest_checkpoint(tmp_path / "one")
     assert ckpt.read_state(one) == {"data_position": 2 * STEPS, "iteration": STEPS}
-    _assert_same_training(one, straight)
+    assert_same_training(one, straight)
 
     one_at_4 = one.parent / ckpt.iter_name(4)
     back_log = _launch(2, 1, dataset, tmp_path / "back", "--resume_from_checkpoint", one_at_4, "--no_compile")
@@ -81,7 +72,7 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
     back = ckpt.latest_checkpoint(tmp_path / "back")
     name = "proj_out.weight"
     assert not torch.equal(weights(back)[name], weights(one_at_4)[name])  # it trained after the resume
-    _assert_same_training(back, straight)
+    assert_same_training(back, straight)
 
 
 @pytest.mark.parametrize("config, precision", [("deepspeed_zero2.yaml", "bf16"), ("deepspeed_zero3.yaml", "no")])
@@ -101,4 +92,4 @@ def test_deepspeed_run_resumes_where_it_stopped(config, precision, dataset, tmp_
     assert not torch.equal(weights(resumed)[name], weights(at_2)[name])
     # DeepSpeed's bf16 mode keeps the model's own weights (what model/ holds) in bf16: two of its steps may round.
     tolerance = dict(rtol=2e-2, atol=1e-3) if precision == "bf16" else {}
-    _assert_same_training(resumed, straight, ema_too=not flags, **tolerance)
+    assert_same_training(resumed, straight, ema=not flags, **tolerance)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from record_batches import recording
-from train_helpers import make_dataset, pattern_image, train, weights
+from train_helpers import assert_same_training, train, two_bucket_dataset, weights
 
 import train_text2image
 from cosmos_t2i import checkpoint as ckpt
@@ -30,8 +30,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def dataset(tiny_model_dir, tmp_path_factory):
     # Two buckets, batches of 1: 4 batches an epoch, so the 12 batches of a run span three shuffled epochs.
-    images = [(pattern_image(64, 64, i), f"caption {i}") for i in range(3)] + [(pattern_image(96, 48, 3), "wide")]
-    return make_dataset(tmp_path_factory.mktemp("world_size") / "data", images, cache_latents=True)
+    return two_bucket_dataset(tmp_path_factory.mktemp("world_size") / "data")
 
 
 def _flags(dataset, output_dir, accumulation, *more):
@@ -65,13 +64,6 @@ def _drawn(record_dir, processes):
              for r in range(processes)]
     assert len({len(batches) for batches in ranks}) == 1
     return [batch for round_ in zip(*ranks) for batch in round_]
-
-
-def _assert_same_training(checkpoint, reference):
-    for ema in (False, True):
-        got = weights(checkpoint, ema)
-        for name, tensor in weights(reference, ema).items():
-            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} (EMA: {ema})")
 
 
 def test_one_to_two_to_one_processes_continue_the_same_run(dataset, tmp_path, monkeypatch, caplog):
@@ -110,8 +102,8 @@ def test_one_to_two_to_one_processes_continue_the_same_run(dataset, tmp_path, mo
     name = "proj_out.weight"
     assert not torch.equal(weights(two)[name], weights(straight.parent / ckpt.iter_name(2))[name])
     assert not torch.equal(weights(back)[name], weights(two_at_4)[name])
-    _assert_same_training(two, straight)
-    _assert_same_training(back, straight)
+    assert_same_training(two, straight)
+    assert_same_training(back, straight)
 
     # 2 -> 1 without raising the accumulation: half the effective batch, the user's choice, said in a warning.
     caplog.clear()

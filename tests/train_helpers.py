@@ -35,6 +35,12 @@ def make_dataset(root: Path, images: list[tuple[Image.Image, str]], cache_latent
     return root
 
 
+def two_bucket_dataset(root: Path) -> Path:
+    """Four cached-latent images in two aspect-ratio buckets (three 1:1, one wide): the multi-process tests' data."""
+    images = [(pattern_image(64, 64, i), f"caption {i}") for i in range(3)] + [(pattern_image(96, 48, 3), "wide")]
+    return make_dataset(root, images, cache_latents=True)
+
+
 def train(*argv: str):
     """Run train_text2image.py in this process; returns the last checkpoint's path."""
     from accelerate.state import AcceleratorState
@@ -49,3 +55,13 @@ def weights(checkpoint: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     from cosmos_t2i.checkpoint import read_transformer_weights
 
     return read_transformer_weights(Path(checkpoint) / "model" / ("ema" if ema else ""))
+
+
+def assert_same_training(checkpoint: Path, reference: Path, ema: bool = True, rtol: float = 1e-4,
+                         atol: float = 1e-5) -> None:
+    """`checkpoint`'s weights (and EMA) equal `reference`'s to float rounding: the same training, summed in another
+    order."""
+    for from_ema in (False, True) if ema else (False,):
+        got = weights(checkpoint, from_ema)
+        for name, tensor in weights(reference, from_ema).items():
+            torch.testing.assert_close(got[name], tensor, rtol=rtol, atol=atol, msg=f"{name} (EMA: {from_ema})")
