@@ -24,7 +24,6 @@ from benchmarks.common import (  # noqa: E402
 )
 from cosmos_t2i import fp8, speed  # noqa: E402
 from cosmos_t2i.cuda_graphs import GraphedTransformer  # noqa: E402
-from cosmos_t2i.fused_projections import fuse_attention_projections  # noqa: E402
 from cosmos_t2i.pipeline import NoGuardrail  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
 from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
@@ -41,7 +40,6 @@ class Variant:
     cuda_graph: bool = False  # cuda_graphs.GraphedTransformer: each step replayed from a CUDA graph
     coordinate_descent: bool = False  # inductor tunes its own kernels' launch configs (longer compile)
     multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
-    fused_projections: bool = False  # fused_projections.fuse_attention_projections: Q, K, V as one matmul
 
 
 VARIANTS = [
@@ -64,8 +62,6 @@ VARIANTS = [
             single_frame_vae=True, fp8=True, cuda_graph=True, multi_kernel=True),
     Variant("batched CFG + compiled blocks + 2D VAE convs + CUDA graph + inductor multi-kernel", batched_cfg=True,
             compile=True, single_frame_vae=True, cuda_graph=True, multi_kernel=True),
-    Variant("same + Q/K/V projections as one matmul", batched_cfg=True, compile=True, single_frame_vae=True,
-            cuda_graph=True, multi_kernel=True, fused_projections=True),
 ]
 
 
@@ -157,8 +153,6 @@ def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dic
     torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent
     if variant.fp8:
         fp8.quantize_transformer_blocks(pipe.transformer)
-    if variant.fused_projections:
-        fuse_attention_projections(pipe.transformer)
     if variant.single_frame_vae:
         speed.single_frame_vae_convs(pipe.vae)
     if variant.compile:

@@ -25,7 +25,6 @@ from benchmarks.common import (  # noqa: E402
     train_flops_per_sample, write_table,
 )
 from cosmos_t2i import speed, trainable  # noqa: E402
-from cosmos_t2i.fused_projections import fuse_attention_projections  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
 from cosmos_t2i.presets import PRESETS  # noqa: E402
 
@@ -45,7 +44,6 @@ class Variant:
     expandable_segments: bool = False  # allocator grows segments in place instead of freeing cache and retrying
     multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
     clip_in_adamw: bool = False  # speed.clip_grad_norm_in_fused_adamw instead of clip_grad_norm_
-    fused_projections: bool = False  # fused_projections.fuse_attention_projections: Q, K, V as one matmul
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -77,10 +75,6 @@ FULL_VARIANTS = [
             fused_adamw=True, activation_memory_budget=0.8, multi_kernel=True),
     Variant("compiled + fused AdamW with the clip in its step, batch 6, activation budget 0.8", 6, compile=True,
             fused_adamw=True, activation_memory_budget=0.8, clip_in_adamw=True),
-    Variant("same + Q/K/V projections as one matmul", 6, compile=True, fused_adamw=True,
-            activation_memory_budget=0.8, clip_in_adamw=True, fused_projections=True),
-    Variant("compiled + fused AdamW + Q/K/V projections as one matmul", 2, compile=True, fused_adamw=True,
-            fused_projections=True),
 ]
 LORA_VARIANTS = [
     Variant("plain (eager, SDPA, peft, full ckpt)", 1, checkpoint_fraction=1.0),
@@ -134,8 +128,6 @@ def run_variant(args, variant: Variant, device) -> dict:
 
         convert_to_float8_training(transformer.transformer_blocks, config=Float8LinearConfig.from_recipe_name(
             "rowwise"), module_filter_fn=lambda module, name: ".norm" not in name)  # adaLN stays bf16
-    if variant.fused_projections:
-        fuse_attention_projections(transformer)
     torch._inductor.config.coordinate_descent_tuning = variant.coordinate_descent  # global: set every time
     torch._functorch.config.activation_memory_budget_runtime_estimator = variant.budget_estimator
     if variant.compile:
