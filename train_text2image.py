@@ -252,7 +252,9 @@ def main(args):
     torch.manual_seed(args.seed)
     transformer = build_transformer(model_path, arch, random_init=args.random_init, lora=args.lora,
                                     rank=args.rank, alpha=args.lora_alpha, frozen_dtype=weight_dtype,
-                                    device=device, checkpoint=resume)
+                                    device=device, checkpoint=resume,
+                                    weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
+                                    and not accelerator.is_main_process)
     transformer.train()
     if args.gradient_checkpointing:
         speed.checkpoint_blocks(transformer, args.gradient_checkpointing)
@@ -447,6 +449,12 @@ def _deepspeed(accelerator) -> bool:
 
 def _zero3(accelerator) -> bool:
     return _deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+def _fsdp_broadcasts_weights(accelerator) -> bool:
+    """FSDP's cpu_ram_efficient_loading (fsdp2_8gpu.yaml): accelerate sends the main process's weights to the others."""
+    return accelerator.distributed_type == DistributedType.FSDP \
+        and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading)
 
 
 def _sharded(accelerator) -> bool:

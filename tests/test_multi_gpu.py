@@ -75,6 +75,17 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
     assert_same_training(back, straight)
 
 
+def test_fsdp2_processes_start_from_the_main_process_weights(dataset, tiny_model_dir, tmp_path):
+    # Only the main process reads the model (cpu_ram_efficient_loading); the other builds it on untouched (zero)
+    # pages and must receive its shards. A step at learning rate 0 saves the weights unchanged.
+    _launch(2, 1, dataset, tmp_path / "run", "--learning_rate", "0", "--max_iter", "1", "--no_ema", "--no_compile")
+    saved = weights(ckpt.latest_checkpoint(tmp_path / "run"))
+    pretrained = ckpt.read_transformer_weights(tiny_model_dir / "transformer")
+    assert saved.keys() == pretrained.keys()
+    for name, tensor in pretrained.items():
+        assert torch.equal(saved[name], tensor.float()), name
+
+
 @pytest.mark.parametrize("config, precision", [("deepspeed_zero2.yaml", "bf16"), ("deepspeed_zero3.yaml", "no")])
 def test_deepspeed_run_resumes_where_it_stopped(config, precision, dataset, tmp_path):
     pytest.importorskip("deepspeed")

@@ -240,7 +240,7 @@ def test_lora_targets_every_block_attention_and_mlp(tiny_model_dir):
     ("fsdp2_8gpu", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
                     "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
                     "FSDP_TRANSFORMER_CLS_TO_WRAP": "CosmosTransformerBlock",
-                    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}),
+                    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}),
 ])
 def test_accelerate_configs_launch_as_intended(name, expected):
     """What `accelerate launch --config_file` hands the training processes (no GPU needed to check)."""
@@ -253,6 +253,25 @@ def test_accelerate_configs_launch_as_intended(name, expected):
     if expected:
         env = prepare_multi_gpu_env(args)
         assert {k: env.get(k) for k in expected} == expected
+
+
+def test_a_model_whose_weights_arrive_later_is_built_without_reading_or_touching_them():
+    """What FSDP's non-main processes build (fsdp2_8gpu.yaml): the whole 2B structure, in host memory not touched."""
+    from cosmos_t2i.trainable import build_transformer
+
+    def resident_gib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    before = resident_gib()
+    transformer = build_transformer("no/such-model", PRESETS["2B"].transformer_config, random_init=False, lora=False,
+                                    rank=None, alpha=None, frozen_dtype=torch.bfloat16, device="cpu",
+                                    weights_arrive_later=True)
+    params = list(transformer.parameters())
+    assert sum(p.numel() for p in params) > 1.9e9 and {(p.device.type, p.dtype) for p in params} == {
+        ("cpu", torch.float32)}
+    assert resident_gib() - before < 1.0  # of 7.3 GiB of fp32 weights
+    # accelerate maps the optimizer's parameters to FSDP's by data pointer: they must be distinct (not meta).
+    assert len({p.data_ptr() for p in params}) == len(params)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
