@@ -76,8 +76,8 @@ def test_fsdp2_run_resumes_on_two_and_on_one_gpu(dataset, tmp_path):
 
 
 def test_fsdp2_processes_start_from_the_main_process_weights(dataset, tiny_model_dir, tmp_path):
-    # Only the main process reads the model (cpu_ram_efficient_loading); the other builds it on untouched (zero)
-    # pages and must receive its shards. A step at learning rate 0 saves the weights unchanged.
+    # Only the main process reads the model (cpu_ram_efficient_loading); the other builds it on uninitialised memory
+    # and must receive its shards. A step at learning rate 0 saves the weights unchanged.
     _launch(2, 1, dataset, tmp_path / "run", "--learning_rate", "0", "--max_iter", "1", "--no_ema", "--no_compile")
     saved = weights(ckpt.latest_checkpoint(tmp_path / "run"))
     pretrained = ckpt.read_transformer_weights(tiny_model_dir / "transformer")

@@ -4,6 +4,7 @@ model card."""
 import json
 import os
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -260,7 +261,7 @@ def test_a_model_whose_weights_arrive_later_is_built_without_reading_or_touching
     from cosmos_t2i.trainable import build_transformer
 
     def resident_gib():
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
     before = resident_gib()
     transformer = build_transformer("no/such-model", PRESETS["2B"].transformer_config, random_init=False, lora=False,
