@@ -22,20 +22,20 @@ def build_transformer(model_path: str, config: dict, *, random_init: bool, lora:
     """The model to train, with resumed weights when `checkpoint` is given. Randomly initialised models are built
     directly on `device` (2B/14B take minutes to initialise on a CPU).
 
-    `weights_arrive_later` (full fine-tune): build the structure only, on uninitialised CPU memory that no page of is
+    `weights_arrive_later` (full fine-tune): build the structure only, in CPU memory that is allocated but never
     touched, because FSDP's cpu_ram_efficient_loading will send the main process's weights; 8 processes would
     otherwise each hold the whole fp32 model in host memory (14B: 8 x 56 GB). Not on `meta`: accelerate maps the
     optimizer's parameters to the sharded ones by their data pointers, which are all 0 there.
     """
     from diffusers import CosmosTransformer3DModel
 
-    dtype = frozen_dtype if lora else torch.float32
     if weights_arrive_later and not lora:
         from accelerate import init_empty_weights
 
         with init_empty_weights():
             transformer = CosmosTransformer3DModel.from_config(config)
         return transformer.to_empty(device="cpu")
+    dtype = frozen_dtype if lora else torch.float32
     if checkpoint is not None and not lora:
         transformer = CosmosTransformer3DModel.from_pretrained(checkpoint / ckpt.MODEL, dtype=dtype)
     elif random_init:
