@@ -12,6 +12,8 @@ from train_helpers import train
 
 import export_checkpoint
 import infer_text2image as infer
+from cosmos_t2i.checkpoint_paths import resolve_checkpoint
+from cosmos_t2i.pipeline import load_transformer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,14 @@ def test_full_fine_tune_with_ema(tiny_model_dir, runs, tmp_path):
     export_checkpoint.main(export_checkpoint.parse_args(
         ["nvidia", "--checkpoint", str(iter_dir), "--output", str(pt), "--dtype", "float32"]))
     assert {k.split(".")[0] for k in torch.load(pt, weights_only=True)} == {"net", "net_ema"}
-    assert np.array_equal(generate(tmp_path, "pt.png", "--model", "tiny", "--dit_path", str(pt), "--load_ema"), ema)
+    # The .pt's EMA is the checkpoint's EMA bit for bit; its image may differ by one level on some CPUs (AMD EPYC in
+    # CI), since torch.load leaves the weights at another memory alignment than safetensors (see
+    # test_nvidia_pt_gives_the_same_images_as_the_checkpoint_it_came_from).
+    from_pt = load_transformer("tiny", resolve_checkpoint(str(pt), True), torch.float32).state_dict()
+    expected = ema_weights.state_dict()
+    assert from_pt.keys() == expected.keys() and all(torch.equal(from_pt[k], expected[k]) for k in expected)
+    from_pt_image = generate(tmp_path, "pt.png", "--model", "tiny", "--dit_path", str(pt), "--load_ema")
+    assert np.abs(from_pt_image.astype(int) - ema).max() <= 1
 
 
 def test_lora(tiny_model_dir, runs, tmp_path):
