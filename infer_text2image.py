@@ -11,7 +11,9 @@ the sampler runs the conditional and unconditional passes as one batch and compi
 prompt lists (cosmos_t2i/sampling.py, BENCHMARKS.md); `--no_batched_cfg --compile off --stock_vae` is the stock call
 exactly. Each sampling step is replayed from a CUDA graph on a GPU (same kernels, same numbers). `--fp8` (opt-in)
 trades a few percent of accuracy for 1.3x (2B) / 1.5x (14B) more speed.
-The initial noise is drawn on the CPU from the seed, so a seed gives the same noise on any device.
+`--sampler nvidia` samples as NVIDIA's script does instead (its second-order sampler and its noise for the seed),
+for the image NVIDIA's repo gives. The initial noise is drawn on the CPU from the seed, so a seed gives the same
+noise on any device.
 Each image gets a sidecar JSON (same name, .json) with everything needed to make it again.
 """
 
@@ -32,7 +34,7 @@ from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
 from cosmos_t2i.pipeline import DTYPES, NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i import fp8, speed
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
-from cosmos_t2i.sampling import generate
+from cosmos_t2i.sampling import SAMPLERS, generate
 
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
 UNSAFE_TEXT = "Cosmos Guardrail detected unsafe text"  # the pipeline's ValueError for a prompt the guardrail refuses
@@ -104,6 +106,10 @@ def parse_args(argv=None):
                           "has its own small ones).")
     gen.add_argument("--height", type=int, default=None, help="With --width: any size in multiples of 16.")
     gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--sampler", default="diffusers", choices=SAMPLERS,
+                     help="diffusers (default): Cosmos2TextToImagePipeline's Euler sampler, the image diffusers gives "
+                          "for the seed. nvidia: NVIDIA's own examples/text2image.py sampler (second-order multistep, "
+                          "its numpy noise for the seed, one more transformer call), the image NVIDIA's repo gives.")
     gen.add_argument("--num_steps", type=int, default=35)
     gen.add_argument("--guidance", type=float, default=4.0,
                      help="x0 = c + g (c - u); 0 turns guidance off.")
@@ -197,7 +203,8 @@ def reproduce_command(args, model: str, request: Request, scales: list[float], c
     """The command line that makes this one image again (compilation changes bf16 rounding, so it is pinned)."""
     cmd = ["python", "infer_text2image.py", "--model", model, "--prompt", request.prompt,
            "--negative_prompt", request.negative_prompt, "--seed", str(request.seed), "--save_path", str(request.output),
-           "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--dtype", args.dtype]
+           "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--sampler", args.sampler,
+           "--dtype", args.dtype]
     cmd += ["--aspect_ratio", request.aspect_ratio] if request.aspect_ratio else \
         ["--height", str(request.height), "--width", str(request.width)]
     if args.dit_path:
@@ -259,6 +266,7 @@ def main(args):
         "fuse_lora": fuse_lora,
         "fp8": args.fp8,
         "stock_vae": args.stock_vae,
+        "sampler": args.sampler,
         "num_steps": args.num_steps,
         "guidance": args.guidance,
         "dtype": args.dtype,
@@ -274,8 +282,7 @@ def main(args):
         for request in bar:
             try:
                 image = generate(pipe, request.prompt, request.negative_prompt, request.height, request.width,
-                                 args.num_steps, args.guidance, torch.Generator("cpu").manual_seed(request.seed),
-                                 batched_cfg, denoiser)
+                                 args.num_steps, args.guidance, request.seed, batched_cfg, denoiser, args.sampler)
             except ValueError as error:
                 if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
                     raise

@@ -2,7 +2,8 @@
 
 Random-initialised transformer of the real 2B/14B config and a random Wan 2.1 VAE (default config), bf16,
 35 steps with CFG (guidance 4), VAE decode included, T5 excluded (random prompt embeddings, zero negative as
-NVIDIA). Every variant starts from the same noise; its latents are compared with the stock pipeline's.
+NVIDIA). Every variant starts from the same noise; its latents are compared with the stock pipeline's (the
+NVIDIA-sampler variant's differ by the sampler, not only by rounding; its MFU counts its one extra call).
 `decode_s` is the last image's VAE decode + guardrail-format post-processing, part of `s_per_image`; the stock
 call (the plain path) decodes inside, its own way.
 
@@ -40,6 +41,7 @@ class Variant:
     cuda_graph: bool = False  # cuda_graphs.GraphedTransformer: each step replayed from a CUDA graph
     coordinate_descent: bool = False  # inductor tunes its own kernels' launch configs (longer compile)
     multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
+    sampler: str = "diffusers"  # sampling.SAMPLERS: "nvidia" makes one more transformer call per image
 
 
 VARIANTS = [
@@ -62,6 +64,8 @@ VARIANTS = [
             single_frame_vae=True, fp8=True, cuda_graph=True, multi_kernel=True),
     Variant("batched CFG + compiled blocks + 2D VAE convs + CUDA graph + inductor multi-kernel", batched_cfg=True,
             compile=True, single_frame_vae=True, cuda_graph=True, multi_kernel=True),
+    Variant("same (the default fast path) with NVIDIA's sampler (--sampler nvidia)", batched_cfg=True, compile=True,
+            single_frame_vae=True, cuda_graph=True, multi_kernel=True, sampler="nvidia"),
 ]
 
 
@@ -112,7 +116,7 @@ def generate(pipe, variant: Variant, args, prompt, negative, num_steps: int, den
              callback_on_step_end=keep_latents, **kwargs)
         return final["latents"], "in the call"
     latents = sample_latents(pipe, prompt, negative, generator=generator, batched_cfg=variant.batched_cfg,
-                             denoiser=denoiser, **kwargs)
+                             denoiser=denoiser, sampler=variant.sampler, **kwargs)
     with Timer() as decode:
         decode_images(pipe, latents)
     return latents, decode.seconds
@@ -128,12 +132,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randn(1, 512, config["text_embed_dim"], generator=gen).to(device, torch.bfloat16)
     negative = torch.zeros_like(prompt)
-    flops_per_image = 2 * args.num_steps * forward_flops_per_sample(config, args.height, args.width)
+    flops_per_call = 2 * forward_flops_per_sample(config, args.height, args.width)  # CFG: two samples per call
     rows = []
     for variant in variants:
         print(f"--- {variant}", flush=True)
         torch._dynamo.reset()  # compiled graphs are reused across model instances: each variant compiles its own
-        rows.append(run_variant(args, variant, device, prompt, negative, flops_per_image))
+        rows.append(run_variant(args, variant, device, prompt, negative, flops_per_call))
         print({k: v for k, v in rows[-1].items() if k != "latents"}, flush=True)
     reference = rows[0].pop("latents")
     for row in rows:
@@ -146,7 +150,8 @@ def main(argv=None):
     write_table(rows, columns, header, args.out)
 
 
-def run_variant(args, variant, device, prompt, negative, flops_per_image) -> dict:
+def run_variant(args, variant, device, prompt, negative, flops_per_call) -> dict:
+    flops_per_image = flops_per_call * (args.num_steps + (variant.sampler == "nvidia"))
     pipe = build_pipeline(args.model, device)
     pipe.set_progress_bar_config(disable=True)
     fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time

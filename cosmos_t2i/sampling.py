@@ -1,18 +1,33 @@
-"""The sampler of `Cosmos2TextToImagePipeline`, with classifier-free guidance run as one batch.
+"""Two samplers for Cosmos-Predict2 Text2Image, both with classifier-free guidance run as one batch.
+
+- "diffusers" (default): the sampler of `Cosmos2TextToImagePipeline`. Karras sigmas (80 -> 0.002, last sigma
+  replaced by sigma_min), Euler steps, x0 = c + g (c - u) rounded to the transformer's dtype, noise from a torch
+  generator. With `batched_cfg=False` this reproduces the pipeline bit for bit (tests/test_sampling.py).
+- "nvidia": the sampler of NVIDIA's own `examples/text2image.py` (cosmos-predict2's `Text2ImagePipeline.__call__`
+  with its `RectifiedFlowAB2Scheduler`), which is not the pipeline's: noise from numpy's `RandomState(seed)`, the
+  same preconditioning, but a second-order multistep (Adams-Bashforth 2 in log sigma, x0 form, float64) over
+  steps+1 Karras sigmas ending at 0.002, guidance kept in float32, and a last guided x0 prediction at sigma 0.002
+  as the image (so 35 steps are 36 transformer calls). The same seed and weights give NVIDIA's image, up to the
+  rounding of the two transformer implementations.
 
 The stock pipeline calls the transformer twice per step (conditional, then unconditional). Running both as one
-batch of 2B halves the kernel launches and fills the GPU better; nothing else changes: same Karras sigmas
-(80 -> 0.002, last sigma replaced by sigma_min), same preconditioning, same x0 = c + g (c - u) guidance, same
-Euler step, same decode and guardrail. With `batched_cfg=False` this reproduces the pipeline bit for bit
-(tests/test_sampling.py); batched, it differs only by rounding in the batched matmuls (none measured on the H100).
+batch of 2B halves the kernel launches and fills the GPU better; batched, the result differs only by rounding in
+the batched matmuls (none measured on the H100).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from PIL import Image
 from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+SAMPLERS = ("diffusers", "nvidia")
+# NVIDIA's text2image sampler settings (cosmos-predict2 SolverTimestampConfig: t_min, t_max, order).
+NVIDIA_SIGMA_MIN, NVIDIA_SIGMA_MAX, NVIDIA_RHO = 0.002, 80.0, 7.0
 
 
 def call_transformer(transformer):
@@ -23,9 +38,46 @@ def call_transformer(transformer):
     return call
 
 
-def _x0(denoiser, latents, model_input, timestep, c_skip, c_out, embeds, padding_mask):
-    out = denoiser(model_input, timestep, embeds, padding_mask)
-    return (c_skip * latents.repeat(out.shape[0] // latents.shape[0], 1, 1, 1, 1) + c_out * out.float())
+def initial_noise(pipe, batch_size: int, height: int, width: int, seed: int, sampler: str = "diffusers"):
+    """Unit-normal initial latents [B, C, 1, H/8, W/8] (float32, CPU) for `seed`, drawn as each sampler's own code
+    draws them, so a seed gives the same noise on any device."""
+    shape = (batch_size, pipe.transformer.config.in_channels, 1,
+             height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial)
+    if sampler == "nvidia":  # cosmos-predict2's misc.arch_invariant_rand
+        return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+class _GuidedX0:
+    """x0 predictions of the conditional and unconditional branches at one sigma, in float32, with the
+    preconditioning both samplers share: t = sigma / (1 + sigma), input x (1 - t) in the transformer's dtype,
+    timestep t, x0 = (1 - t) x - t F."""
+
+    def __init__(self, pipe, denoiser, prompt_embeds, negative_prompt_embeds, height, width, use_cfg, batched_cfg):
+        self.denoiser = denoiser or call_transformer(pipe.transformer)
+        self.dtype = pipe.transformer.dtype
+        device = pipe._execution_device
+        self.prompt_embeds = prompt_embeds.to(device=device, dtype=self.dtype)
+        self.negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self.dtype) if use_cfg else None
+        self.use_cfg, self.batched_cfg = use_cfg, batched_cfg
+        if use_cfg and batched_cfg:
+            self.both_embeds = torch.cat([self.prompt_embeds, self.negative_prompt_embeds])
+        self.padding_mask = torch.zeros(1, 1, height, width, device=device, dtype=self.dtype)
+
+    def __call__(self, latents: torch.Tensor, sigma: torch.Tensor):
+        """(cond, uncond) x0 for `latents` at `sigma` (a float32 scalar tensor); uncond is None without CFG."""
+        t = sigma / (sigma + 1)
+        model_input = (latents * (1 - t)).to(self.dtype)
+        timestep = t.expand(latents.shape[0]).to(self.dtype)
+        if self.use_cfg and self.batched_cfg:
+            return self._x0(latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), t, self.both_embeds).chunk(2)
+        cond = self._x0(latents, model_input, timestep, t, self.prompt_embeds)
+        uncond = self._x0(latents, model_input, timestep, t, self.negative_prompt_embeds) if self.use_cfg else None
+        return cond, uncond
+
+    def _x0(self, latents, model_input, timestep, t, embeds):
+        out = self.denoiser(model_input, timestep, embeds, self.padding_mask)
+        return (1 - t) * latents.repeat(out.shape[0] // latents.shape[0], 1, 1, 1, 1) + (-t) * out.float()
 
 
 @torch.no_grad()
@@ -40,48 +92,78 @@ def sample_latents(
     generator: torch.Generator | None = None,
     batched_cfg: bool = True,
     denoiser=None,
+    sampler: str = "diffusers",
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoised normalized latents [B, C, 1, H/8, W/8] (float32) for padded prompt embeddings [B, 512, D].
 
-    `denoiser` replaces the plain transformer call (`call_transformer`), e.g. by a CUDA-graphed one
+    `latents`: unit-normal initial noise (`initial_noise`); without it, drawn from `generator` as the pipeline
+    does. `denoiser` replaces the plain transformer call (`call_transformer`), e.g. by a CUDA-graphed one
     (cosmos_t2i/cuda_graphs.py)."""
-    denoiser = denoiser or call_transformer(pipe.transformer)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}.")
     device = pipe._execution_device
-    dtype = pipe.transformer.dtype
     use_cfg = guidance_scale > 1.0
-    batch_size = prompt_embeds.shape[0]
-    prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
-    if use_cfg:
-        negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-        both_embeds = torch.cat([prompt_embeds, negative_prompt_embeds])
+    guided_x0 = _GuidedX0(pipe, denoiser, prompt_embeds, negative_prompt_embeds, height, width, use_cfg, batched_cfg)
+    latents = pipe.prepare_latents(prompt_embeds.shape[0], pipe.transformer.config.in_channels, height, width, 1,
+                                   torch.float32, device, generator, latents)
+    if sampler == "nvidia":
+        return _nvidia_ab2(guided_x0, latents, num_inference_steps, guidance_scale, pipe.progress_bar)
 
     sigmas = torch.linspace(0, 1, num_inference_steps, dtype=torch.float64)
     timesteps, _ = retrieve_timesteps(pipe.scheduler, device=device, sigmas=sigmas)
     if pipe.scheduler.config.get("final_sigmas_type", "zero") == "sigma_min":
         pipe.scheduler.sigmas[-1] = pipe.scheduler.sigmas[-2]
-    latents = pipe.prepare_latents(
-        batch_size, pipe.transformer.config.in_channels, height, width, 1, torch.float32, device, generator
-    )
-    padding_mask = latents.new_zeros(1, 1, height, width, dtype=dtype)
-
+    dtype = guided_x0.dtype
     for i, t in enumerate(pipe.progress_bar(timesteps)):
         sigma = pipe.scheduler.sigmas[i]
-        current_t = sigma / (sigma + 1)
-        c_skip, c_out = 1 - current_t, -current_t
-        model_input = (latents * (1 - current_t)).to(dtype)
-        timestep = current_t.expand(batch_size).to(dtype)
-        if use_cfg and batched_cfg:
-            x0 = _x0(denoiser, latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), c_skip, c_out,
-                     both_embeds, padding_mask).to(dtype)
-            cond, uncond = x0.chunk(2)
-        else:
-            cond = _x0(denoiser, latents, model_input, timestep, c_skip, c_out, prompt_embeds, padding_mask).to(dtype)
-            if use_cfg:
-                uncond = _x0(denoiser, latents, model_input, timestep, c_skip, c_out, negative_prompt_embeds,
-                             padding_mask).to(dtype)
-        x0 = cond + guidance_scale * (cond - uncond) if use_cfg else cond
+        cond, uncond = guided_x0(latents, sigma)
+        cond = cond.to(dtype)  # the pipeline guides in the transformer's dtype
+        x0 = cond + guidance_scale * (cond - uncond.to(dtype)) if use_cfg else cond
         latents = pipe.scheduler.step((latents - x0) / sigma, t, latents, return_dict=False)[0]
     return latents
+
+
+def nvidia_sigmas(num_steps: int) -> torch.Tensor:
+    """NVIDIA's num_steps + 1 Karras sigmas (rho 7) from 80 down to 0.002 itself, in float64."""
+    i = torch.arange(num_steps + 1, dtype=torch.float64)
+    top, bottom = NVIDIA_SIGMA_MAX ** (1 / NVIDIA_RHO), NVIDIA_SIGMA_MIN ** (1 / NVIDIA_RHO)
+    return (top + i / num_steps * (bottom - top)) ** NVIDIA_RHO
+
+
+def ab2_step(x: torch.Tensor, sigma: float, sigma_next: float, x0: torch.Tensor,
+             sigma_prev: float | None = None, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of NVIDIA's sampler from `sigma` to `sigma_next`, in float64.
+
+    The probability-flow ODE in lambda = -log(sigma) is dx/dlambda = x0(x, lambda) - x, so over a step of length h
+    x_next = e^-h x + integral of e^-(lambda_next - l) x0(l) dl. The first step holds x0 constant (Euler in x0 form,
+    which is also exact for constant x0); later steps take x0 linear in lambda through this step's and the previous
+    step's predictions (Adams-Bashforth 2 on the exponential integrator: the phi1/phi2 weights below).
+    """
+    x, x0 = x.double(), x0.double()
+    if x0_prev is None:
+        return (sigma - sigma_next) / sigma * x0 + sigma_next / sigma * x
+    lam, lam_next, lam_prev = -math.log(sigma), -math.log(sigma_next), -math.log(sigma_prev)
+    h = lam_next - lam
+    c2 = (lam_prev - lam) / h  # where the previous prediction sits, in units of this step (negative)
+    phi1 = math.expm1(-h) / -h  # (e^-h - 1) / -h
+    phi2 = (phi1 - 1.0) / -h
+    b_prev = phi2 / c2
+    return math.exp(-h) * x + h * ((phi1 - b_prev) * x0 + b_prev * x0_prev.double())
+
+
+def _nvidia_ab2(guided_x0: _GuidedX0, latents, num_steps: int, guidance_scale: float, progress_bar) -> torch.Tensor:
+    def x0_at(sigma: float):  # NVIDIA's guidance is applied to float32 predictions
+        cond, uncond = guided_x0(latents, torch.tensor(sigma, dtype=torch.float32, device=latents.device))
+        return cond + guidance_scale * (cond - uncond) if uncond is not None else cond
+
+    sigmas = nvidia_sigmas(num_steps).tolist()
+    x0_prev = None
+    for i in progress_bar(range(num_steps)):
+        x0 = x0_at(sigmas[i])
+        latents = ab2_step(latents, sigmas[i], sigmas[i + 1], x0, sigmas[i - 1] if i else None, x0_prev).float()
+        x0_prev = x0
+    return x0_at(sigmas[-1])
 
 
 @torch.no_grad()
@@ -144,12 +226,15 @@ def generate(
     width: int = 1360,
     num_inference_steps: int = 35,
     guidance_scale: float = 4.0,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     batched_cfg: bool = True,
     denoiser=None,
+    sampler: str = "diffusers",
 ):
-    """One image for `prompt`, as `pipe(prompt=..., ...)` makes it, NVIDIA's way: an empty negative prompt is
-    the zero embedding. The text guardrail runs first, with the pipeline's own error for a refused prompt."""
+    """One image for `prompt`, as `pipe(prompt=..., generator=torch.Generator("cpu").manual_seed(seed))` makes it
+    (or NVIDIA's own sampler does, with `sampler="nvidia"`), with the prompts prepared NVIDIA's way: an empty
+    negative prompt is the zero embedding. The text guardrail runs first, with the pipeline's own error for a
+    refused prompt."""
     device = pipe._execution_device
     pipe.safety_checker.to(device)
     safe = pipe.safety_checker.check_text_safety(prompt)
@@ -165,6 +250,7 @@ def generate(
         prompt, negative_prompt=negative_prompt or None, do_classifier_free_guidance=guidance_scale > 1.0,
         negative_prompt_embeds=zero, device=device,
     )
+    noise = initial_noise(pipe, 1, height, width, seed, sampler)
     latents = sample_latents(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
-                             guidance_scale, generator, batched_cfg, denoiser)
+                             guidance_scale, batched_cfg=batched_cfg, denoiser=denoiser, sampler=sampler, latents=noise)
     return decode_images(pipe, latents)[0]

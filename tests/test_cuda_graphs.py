@@ -9,7 +9,7 @@ import torch
 
 from cosmos_t2i.cuda_graphs import GraphedTransformer
 from cosmos_t2i.pipeline import load_pipeline
-from cosmos_t2i.sampling import sample_latents
+from cosmos_t2i.sampling import SAMPLERS, sample_latents
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -21,15 +21,17 @@ def test_a_model_on_the_cpu_is_refused(tiny_model_dir):
 
 
 @needs_cuda
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("batched_cfg", [True, False])
-def test_graphed_sampling_gives_the_plain_samplers_latents_bit_for_bit(tiny_model_dir, batched_cfg):
+def test_graphed_sampling_gives_the_plain_samplers_latents_bit_for_bit(tiny_model_dir, batched_cfg, sampler):
     pipe = load_pipeline("tiny", device=torch.device("cuda"), dtype=torch.bfloat16, load_text_encoder=False)
     torch.manual_seed(0)
     dim = pipe.transformer.config.text_embed_dim
     prompt, negative = torch.randn(1, 512, dim), torch.zeros(1, 512, dim)
     graphed = GraphedTransformer(pipe.transformer)
     for height, width in [(48, 96), (64, 64), (48, 96)]:  # a second shape records a second graph; the first is reused
-        kwargs = dict(height=height, width=width, num_inference_steps=4, guidance_scale=4.0, batched_cfg=batched_cfg)
+        kwargs = dict(height=height, width=width, num_inference_steps=4, guidance_scale=4.0, batched_cfg=batched_cfg,
+                      sampler=sampler)
         plain = sample_latents(pipe, prompt, negative, generator=torch.Generator("cuda").manual_seed(1), **kwargs)
         ours = sample_latents(pipe, prompt, negative, generator=torch.Generator("cuda").manual_seed(1),
                               denoiser=graphed, **kwargs)
