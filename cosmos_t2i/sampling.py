@@ -153,17 +153,22 @@ def ab2_step(x: torch.Tensor, sigma: float, sigma_next: float, x0: torch.Tensor,
 
 
 def _nvidia_ab2(guided_x0: _GuidedX0, latents, num_steps: int, guidance_scale: float, progress_bar) -> torch.Tensor:
-    def x0_at(sigma: float):  # NVIDIA's guidance is applied to float32 predictions
-        cond, uncond = guided_x0(latents, torch.tensor(sigma, dtype=torch.float32, device=latents.device))
+    sigmas = nvidia_sigmas(num_steps)
+    # The transformer sees each sigma in float32 (as NVIDIA's denoise does), copied to the GPU once: a copy per
+    # step would make the CPU wait for the GPU at every step.
+    model_sigmas = sigmas.float().to(latents.device)
+
+    def x0_at(i: int):  # NVIDIA's guidance is applied to float32 predictions
+        cond, uncond = guided_x0(latents, model_sigmas[i])
         return cond + guidance_scale * (cond - uncond) if uncond is not None else cond
 
-    sigmas = nvidia_sigmas(num_steps).tolist()
+    sigmas = sigmas.tolist()
     x0_prev = None
     for i in progress_bar(range(num_steps)):
-        x0 = x0_at(sigmas[i])
+        x0 = x0_at(i)
         latents = ab2_step(latents, sigmas[i], sigmas[i + 1], x0, sigmas[i - 1] if i else None, x0_prev).float()
         x0_prev = x0
-    return x0_at(sigmas[-1])
+    return x0_at(num_steps)
 
 
 @torch.no_grad()

@@ -37,6 +37,12 @@ def compile_transformer_blocks(transformer, mode: str | None = None, activation_
     # that reads the row twice; multi-kernel also builds a one-pass version and keeps the faster after timing both
     # on first use. 2.3% of an fp8 2B image on the H100, none on a 2B training step (BENCHMARKS.md).
     torch._inductor.config.triton.multi_kernel = int(multi_kernel)
+    if multi_kernel:
+        # PyTorch 2.11 + Triton 3.6 (the device machine): a multi-kernel graph read back from inductor's FX graph
+        # cache fails to load ("'NoneType' object does not support the context manager protocol" in Triton's
+        # cache_key), so the second run on a machine crashed where the first had compiled. Without the FX graph
+        # cache the graph is lowered again (seconds: Triton's kernel and autotuning caches still apply).
+        torch._inductor.config.fx_graph_cache = False
     # Under DDP, dynamo would split every block's graph at DDP's 25 MB gradient-bucket boundaries (a 2B block holds
     # ~280 MB of fp32 weights) so that the all-reduce could start inside it; fusion and the activation budget then
     # apply piece by piece. A block is already a fine enough unit to overlap with: two H200s ran the 2B step at 89%
