@@ -109,7 +109,7 @@ def parse_args(argv=None):
     gen.add_argument("--sampler", default="diffusers", choices=SAMPLERS,
                      help="diffusers (default): Cosmos2TextToImagePipeline's Euler sampler, the image diffusers gives "
                           "for the seed. nvidia: NVIDIA's own examples/text2image.py sampler (second-order multistep, "
-                          "its numpy noise for the seed, one more transformer call), the image NVIDIA's repo gives.")
+                          "its numpy noise for the seed, one more transformer call), for the image NVIDIA's repo gives.")
     gen.add_argument("--num_steps", type=int, default=35)
     gen.add_argument("--guidance", type=float, default=4.0,
                      help="x0 = c + g (c - u); 0 turns guidance off.")
@@ -119,9 +119,10 @@ def parse_args(argv=None):
         parser.error("give exactly one of --prompt and --batch_input_json")
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
-    if 0 < args.guidance <= 1:
+    if 0 < args.guidance <= 1 and args.sampler == "diffusers":
         # The pipeline skips the unconditional pass for guidance_scale <= 1, where NVIDIA's c + g(c - u) still uses it.
-        parser.error("--guidance in (0, 1] is not NVIDIA's guidance in diffusers' pipeline; use 0 (off) or > 1")
+        parser.error("--guidance in (0, 1] is not NVIDIA's guidance in diffusers' pipeline; use 0 (off), > 1, or "
+                     "--sampler nvidia")
     return args
 
 

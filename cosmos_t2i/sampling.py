@@ -7,8 +7,9 @@
   with its `RectifiedFlowAB2Scheduler`), which is not the pipeline's: noise from numpy's `RandomState(seed)`, the
   same preconditioning, but a second-order multistep (Adams-Bashforth 2 in log sigma, x0 form, float64) over
   steps+1 Karras sigmas ending at 0.002, guidance kept in float32, and a last guided x0 prediction at sigma 0.002
-  as the image (so 35 steps are 36 transformer calls). The same seed and weights give NVIDIA's image, up to the
-  rounding of the two transformer implementations.
+  as the image (so 35 steps are 36 transformer calls). Written from cosmos-predict2's code, for NVIDIA's image
+  from the same seed and weights up to the two transformer implementations' rounding; not compared with NVIDIA's
+  code running (no weights or NVIDIA install here).
 
 The stock pipeline calls the transformer twice per step (conditional, then unconditional). Running both as one
 batch of 2B halves the kernel launches and fills the GPU better; batched, the result differs only by rounding in
@@ -36,6 +37,12 @@ def call_transformer(transformer):
         return transformer(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                            padding_mask=padding_mask, return_dict=False)[0]
     return call
+
+
+def uses_unconditional_pass(guidance_scale: float, sampler: str) -> bool:
+    """Whether x0 = c + g (c - u) needs the unconditional branch: the pipeline skips it for g <= 1, NVIDIA's
+    sampler only for g = 0 (where the formula gives c)."""
+    return guidance_scale > 1.0 if sampler == "diffusers" else guidance_scale != 0
 
 
 def initial_noise(pipe, batch_size: int, height: int, width: int, seed: int, sampler: str = "diffusers"):
@@ -103,7 +110,7 @@ def sample_latents(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, not {sampler!r}.")
     device = pipe._execution_device
-    use_cfg = guidance_scale > 1.0
+    use_cfg = uses_unconditional_pass(guidance_scale, sampler)
     guided_x0 = _GuidedX0(pipe, denoiser, prompt_embeds, negative_prompt_embeds, height, width, use_cfg, batched_cfg)
     latents = pipe.prepare_latents(prompt_embeds.shape[0], pipe.transformer.config.in_channels, height, width, 1,
                                    torch.float32, device, generator, latents)
@@ -252,7 +259,7 @@ def generate(
         dim = pipe.transformer.config.text_embed_dim
         zero = torch.zeros(1, 512, dim, device=device, dtype=pipe.text_encoder.dtype)
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, negative_prompt=negative_prompt or None, do_classifier_free_guidance=guidance_scale > 1.0,
+        prompt, negative_prompt=negative_prompt or None, do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler),
         negative_prompt_embeds=zero, device=device,
     )
     noise = initial_noise(pipe, 1, height, width, seed, sampler)

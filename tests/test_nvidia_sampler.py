@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import infer_text2image as infer
 from cosmos_t2i.pipeline import load_pipeline
 from cosmos_t2i.sampling import _nvidia_ab2, ab2_step, call_transformer, initial_noise, nvidia_sigmas, sample_latents
 
@@ -92,6 +93,26 @@ def test_transformer_sees_nvidias_noise_and_sigmas(tiny_pipe):
     # Not the pipeline's sampler: the same weights and prompt give another result.
     diffusers_latents = sample_latents(pipe, prompt, negative, batched_cfg=False, **dict(kwargs, sampler="diffusers"))
     assert (diffusers_latents - latents).abs().max() > 1e-2
+
+
+def test_guidance_up_to_one_keeps_the_unconditional_pass(tiny_pipe):
+    """NVIDIA's x0 = c + g (c - u) needs u for any g but 0; the pipeline's sampler skips it for g <= 1."""
+    dim = tiny_pipe.transformer.config.text_embed_dim
+    plain = call_transformer(tiny_pipe.transformer)
+    for guidance, calls_expected in [(1.0, 2 * 3), (0.0, 3)]:
+        calls = []
+
+        def counting(*inputs):
+            calls.append(inputs[0].shape[0])
+            return plain(*inputs)
+
+        sample_latents(tiny_pipe, torch.randn(1, 512, dim), torch.zeros(1, 512, dim), 48, 96, num_inference_steps=2,
+                       guidance_scale=guidance, batched_cfg=False, denoiser=counting, sampler="nvidia")
+        assert len(calls) == calls_expected, guidance
+    args = ["--model", "tiny", "--prompt", "a robot", "--guidance", "1.0"]
+    assert infer.parse_args([*args, "--sampler", "nvidia"]).guidance == 1.0
+    with pytest.raises(SystemExit):
+        infer.parse_args(args)
 
 
 def test_unknown_sampler_is_refused(tiny_pipe):
