@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 
 import export_checkpoint
 import infer_text2image as infer
+from cosmos_t2i.checkpoint_paths import resolve_lora
+from cosmos_t2i.lora_formats import apply_loras, read_lora
+from cosmos_t2i.presets import load_model_transformer
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +70,18 @@ def test_merged_diffusers_folder_samples_like_the_lora(lora_run, tmp_path):
                                      PROMPT, "--save_path", str(tmp_path / name), *extra]))
         return np.asarray(Image.open(tmp_path / name)).astype(int)
 
+    # The merged folder holds the weights --fuse_lora makes, bit for bit...
+    fused = load_model_transformer("tiny", torch.float32)
+    apply_loras(fused, [read_lora(resolve_lora(str(lora_run)))], [0.8], fuse=True)
+    expected = fused.state_dict()
+    assert merged.state_dict().keys() == expected.keys()
+    assert all(torch.equal(merged.state_dict()[k], expected[k]) for k in expected)
+    # ...and samples the same image, within one grey level: loaded from a file, the weights sit at another memory
+    # alignment than the ones fused in memory, which can change a CPU's float sums (a one-level pixel on CI's AMD
+    # EPYC in the same case for the .pt export, tests/test_infer_from_trainer.py).
     with_lora = image("lora.png", "--lora", str(lora_run), "--lora_scale", "0.8")
-    assert np.array_equal(image("fused.png", "--lora", str(lora_run), "--lora_scale", "0.8", "--fuse_lora"),
-                          image("merged.png", "--dit_path", str(tmp_path / "merged")))
+    fused_image = image("fused.png", "--lora", str(lora_run), "--lora_scale", "0.8", "--fuse_lora")
+    assert np.abs(fused_image - image("merged.png", "--dit_path", str(tmp_path / "merged"))).max() <= 1
     # Fused and unfused differ only by float32 rounding: at most one grey level here and there.
     assert np.abs(image("merged.png", "--dit_path", str(tmp_path / "merged")) - with_lora).max() <= 1
 
