@@ -109,7 +109,8 @@ def parse_args(argv=None):
     gen.add_argument("--sampler", default="diffusers", choices=SAMPLERS,
                      help="diffusers (default): Cosmos2TextToImagePipeline's Euler sampler, the image diffusers gives "
                           "for the seed. nvidia: NVIDIA's own examples/text2image.py sampler (second-order multistep, "
-                          "its numpy noise for the seed, one more transformer call), for the image NVIDIA's repo gives.")
+                          "its numpy noise for the seed, one more transformer call), for the image NVIDIA's repo "
+                          "gives.")
     gen.add_argument("--num_steps", type=int, default=35)
     gen.add_argument("--guidance", type=float, default=4.0,
                      help="x0 = c + g (c - u); 0 turns guidance off.")

@@ -77,7 +77,8 @@ class _GuidedX0:
         model_input = (latents * (1 - t)).to(self.dtype)
         timestep = t.expand(latents.shape[0]).to(self.dtype)
         if self.use_cfg and self.batched_cfg:
-            return self._x0(latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), t, self.both_embeds).chunk(2)
+            both = self._x0(latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), t, self.both_embeds)
+            return both.chunk(2)
         cond = self._x0(latents, model_input, timestep, t, self.prompt_embeds)
         uncond = self._x0(latents, model_input, timestep, t, self.negative_prompt_embeds) if self.use_cfg else None
         return cond, uncond
@@ -259,8 +260,9 @@ def generate(
         dim = pipe.transformer.config.text_embed_dim
         zero = torch.zeros(1, 512, dim, device=device, dtype=pipe.text_encoder.dtype)
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, negative_prompt=negative_prompt or None, do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler),
-        negative_prompt_embeds=zero, device=device,
+        prompt, negative_prompt=negative_prompt or None,
+        do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler), negative_prompt_embeds=zero,
+        device=device,
     )
     noise = initial_noise(pipe, 1, height, width, seed, sampler)
     latents = sample_latents(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,

@@ -97,7 +97,8 @@ def test_nvidia_pt_gives_the_same_images_as_the_checkpoint_it_came_from(full_run
 
 def test_sidecar_records_everything_and_its_command_remakes_the_image(full_run, tmp_path):
     iter_dir = full_run / "checkpoints" / "iter_000000500"
-    image = run(tmp_path / "robot.png", "--dit_path", str(iter_dir), "--load_ema", "--seed", "3", "--sampler", "nvidia")
+    image = run(tmp_path / "robot.png", "--dit_path", str(iter_dir), "--load_ema", "--seed", "3",
+                "--sampler", "nvidia")
     sidecar = json.loads((tmp_path / "robot.json").read_text())
     assert sidecar["prompt"] == PROMPT and sidecar["negative_prompt"] == "" and sidecar["seed"] == 3
     assert sidecar["sampler"] == "nvidia"
