@@ -34,7 +34,7 @@ from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
 from cosmos_t2i.pipeline import DTYPES, NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i import fp8, speed
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
-from cosmos_t2i.sampling import SAMPLERS, generate
+from cosmos_t2i.sampling import SAMPLERS, generate, uses_unconditional_pass
 
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
 UNSAFE_TEXT = "Cosmos Guardrail detected unsafe text"  # the pipeline's ValueError for a prompt the guardrail refuses
@@ -120,7 +120,7 @@ def parse_args(argv=None):
         parser.error("give exactly one of --prompt and --batch_input_json")
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
-    if 0 < args.guidance <= 1 and args.sampler == "diffusers":
+    if args.guidance and not uses_unconditional_pass(args.guidance, args.sampler):
         # The pipeline skips the unconditional pass for guidance_scale <= 1, where NVIDIA's c + g(c - u) still uses it.
         parser.error("--guidance in (0, 1] is not NVIDIA's guidance in diffusers' pipeline; use 0 (off), > 1, or "
                      "--sampler nvidia")

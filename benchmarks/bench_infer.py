@@ -151,7 +151,8 @@ def main(argv=None):
 
 
 def run_variant(args, variant, device, prompt, negative, flops_per_call) -> dict:
-    flops_per_image = flops_per_call * (args.num_steps + (variant.sampler == "nvidia"))
+    transformer_calls = args.num_steps + 1 if variant.sampler == "nvidia" else args.num_steps  # its last x0 pass
+    flops_per_image = flops_per_call * transformer_calls
     pipe = build_pipeline(args.model, device)
     pipe.set_progress_bar_config(disable=True)
     fp8.deduplicate_compiled_computations(enable=variant.fp8)  # inductor's config is global: set it every time

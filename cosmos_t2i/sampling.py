@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import retrieve_timesteps
-from diffusers.utils.torch_utils import randn_tensor
 
 SAMPLERS = ("diffusers", "nvidia")
 # NVIDIA's text2image sampler settings (cosmos-predict2 SolverTimestampConfig: t_min, t_max, order).
@@ -45,14 +44,12 @@ def uses_unconditional_pass(guidance_scale: float, sampler: str) -> bool:
     return guidance_scale > 1.0 if sampler == "diffusers" else guidance_scale != 0
 
 
-def initial_noise(pipe, batch_size: int, height: int, width: int, seed: int, sampler: str = "diffusers"):
-    """Unit-normal initial latents [B, C, 1, H/8, W/8] (float32, CPU) for `seed`, drawn as each sampler's own code
-    draws them, so a seed gives the same noise on any device."""
+def nvidia_noise(pipe, batch_size: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Unit-normal initial latents [B, C, 1, H/8, W/8] (float32, CPU) for `seed`, drawn as NVIDIA's sampler draws
+    them (cosmos-predict2's misc.arch_invariant_rand: numpy's legacy generator, the same on any device)."""
     shape = (batch_size, pipe.transformer.config.in_channels, 1,
              height // pipe.vae_scale_factor_spatial, width // pipe.vae_scale_factor_spatial)
-    if sampler == "nvidia":  # cosmos-predict2's misc.arch_invariant_rand
-        return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
-    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    return torch.from_numpy(np.random.RandomState(seed).standard_normal(shape).astype(np.float32))
 
 
 class _GuidedX0:
@@ -105,7 +102,7 @@ def sample_latents(
 ) -> torch.Tensor:
     """Denoised normalized latents [B, C, 1, H/8, W/8] (float32) for padded prompt embeddings [B, 512, D].
 
-    `latents`: unit-normal initial noise (`initial_noise`); without it, drawn from `generator` as the pipeline
+    `latents`: unit-normal initial noise (`nvidia_noise`); without it, drawn from `generator` as the pipeline
     does. `denoiser` replaces the plain transformer call (`call_transformer`), e.g. by a CUDA-graphed one
     (cosmos_t2i/cuda_graphs.py)."""
     if sampler not in SAMPLERS:
@@ -161,22 +158,23 @@ def ab2_step(x: torch.Tensor, sigma: float, sigma_next: float, x0: torch.Tensor,
 
 
 def _nvidia_ab2(guided_x0: _GuidedX0, latents, num_steps: int, guidance_scale: float, progress_bar) -> torch.Tensor:
-    sigmas = nvidia_sigmas(num_steps)
+    step_sigmas = nvidia_sigmas(num_steps)
     # The transformer sees each sigma in float32 (as NVIDIA's denoise does), copied to the GPU once: a copy per
     # step would make the CPU wait for the GPU at every step.
-    model_sigmas = sigmas.float().to(latents.device)
+    model_sigmas = step_sigmas.float().to(latents.device)
+    step_sigmas = step_sigmas.tolist()
 
-    def x0_at(i: int):  # NVIDIA's guidance is applied to float32 predictions
-        cond, uncond = guided_x0(latents, model_sigmas[i])
+    def x0_at(x, i: int):  # NVIDIA's guidance is applied to float32 predictions
+        cond, uncond = guided_x0(x, model_sigmas[i])
         return cond + guidance_scale * (cond - uncond) if uncond is not None else cond
 
-    sigmas = sigmas.tolist()
     x0_prev = None
     for i in progress_bar(range(num_steps)):
-        x0 = x0_at(i)
-        latents = ab2_step(latents, sigmas[i], sigmas[i + 1], x0, sigmas[i - 1] if i else None, x0_prev).float()
+        x0 = x0_at(latents, i)
+        latents = ab2_step(latents, step_sigmas[i], step_sigmas[i + 1], x0, step_sigmas[i - 1] if i else None,
+                           x0_prev).float()
         x0_prev = x0
-    return x0_at(num_steps)
+    return x0_at(latents, num_steps)
 
 
 @torch.no_grad()
@@ -264,7 +262,8 @@ def generate(
         do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler), negative_prompt_embeds=zero,
         device=device,
     )
-    noise = initial_noise(pipe, 1, height, width, seed, sampler)
+    noise = nvidia_noise(pipe, 1, height, width, seed) if sampler == "nvidia" else None
     latents = sample_latents(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
-                             guidance_scale, batched_cfg=batched_cfg, denoiser=denoiser, sampler=sampler, latents=noise)
+                             guidance_scale, torch.Generator("cpu").manual_seed(seed), batched_cfg, denoiser, sampler,
+                             latents=noise)
     return decode_images(pipe, latents)[0]

@@ -8,7 +8,7 @@ import torch
 
 import infer_text2image as infer
 from cosmos_t2i.pipeline import load_pipeline
-from cosmos_t2i.sampling import _nvidia_ab2, ab2_step, call_transformer, initial_noise, nvidia_sigmas, sample_latents
+from cosmos_t2i.sampling import _nvidia_ab2, ab2_step, call_transformer, nvidia_noise, nvidia_sigmas, sample_latents
 
 
 def test_step_integrates_the_flow_with_x0_linear_in_log_sigma():
@@ -74,7 +74,7 @@ def test_transformer_sees_nvidias_noise_and_sigmas(tiny_pipe):
 
     dim = pipe.transformer.config.text_embed_dim
     prompt, negative = torch.randn(1, 512, dim, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 512, dim)
-    noise = initial_noise(pipe, 1, 48, 96, seed, "nvidia")
+    noise = nvidia_noise(pipe, 1, 48, 96, seed)
     # cosmos-predict2's arch_invariant_rand: numpy's legacy generator, whatever the device.
     assert np.array_equal(noise.numpy(), np.random.RandomState(seed).standard_normal((1, 16, 1, 6, 12)).astype("f4"))
     kwargs = dict(height=48, width=96, num_inference_steps=steps, guidance_scale=4.0, sampler="nvidia", latents=noise)
