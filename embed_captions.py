@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from cosmos_t2i import dataset_format as fmt
-from cosmos_t2i import embedding, frames
+from cosmos_t2i import embedding
+from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
 from cosmos_t2i.text_encoding import MAX_LENGTH
 
@@ -78,9 +79,9 @@ def main(argv=None) -> dict:
     model_path = resolve_model_path(args.model) if args.model else None
     if args.from_nvidia_dir:
         pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
-        frames.require_empty_or_overwrite(dataset_dir, args.overwrite)
+        require_empty_or_overwrite(dataset_dir, args.overwrite)
         # One staging folder for the imagefolder and its embedded/: both appear together or not at all.
-        with frames.staged_folder(dataset_dir) as staging:
+        with staged_folder(dataset_dir) as staging:
             uncaptioned = embedding.write_nvidia_imagefolder(args.from_nvidia_dir, pairs, staging)
             if uncaptioned:
                 logger.warning("%d of %d images have no metas/<stem>.txt caption; their text is empty.",
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
             info = build_embedded(args, model_path, staging, staging / fmt.EMBEDDED_SUBDIR)
     else:
         embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
-        with frames.staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
+        with staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
             info = build_embedded(args, model_path, dataset_dir, staging)
     logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
                 info["num_unique_captions"], info["text_embed_dim"],

@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 from cosmos_t2i import frames
+from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
+from cosmos_t2i.dataset_format import METADATA_FILE
 
 logger = logging.getLogger("prepare_dataset")
 
@@ -65,12 +67,12 @@ def main(argv=None) -> frames.Report:
     if output_dir == input_dir or output_dir in input_dir.parents:
         raise ValueError(f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
     # Every check that can fail cheaply runs before any decoding.
-    frames.require_empty_or_overwrite(output_dir, args.overwrite)
+    require_empty_or_overwrite(output_dir, args.overwrite)
     sources = frames.find_sources(input_dir)
     captions = frames.find_captions(sources, input_dir, args.prompt)
     stems = frames.output_stems(sources)
 
-    with frames.staged_folder(output_dir) as staging:
+    with staged_folder(output_dir) as staging:
         options = frames.Options(str(staging), args.stride, args.max_frames_per_video, args.min_side)
         jobs = [(str(source), stems[source]) for source in sources]
         results, report = frames.extract_all(jobs, options, args.num_workers)
@@ -81,7 +83,7 @@ def main(argv=None) -> frames.Report:
             raise RuntimeError("No image was written, so no dataset was made.\n" + report.summary(output_dir,
                                                                                                   args.min_side))
         # metadata.jsonl last: only a folder with every image in it can carry it.
-        with open(staging / frames.METADATA_FILE, "w", encoding="utf-8") as f:
+        with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
             for name, text in records:
                 f.write(json.dumps({"file_name": name, "text": text}, ensure_ascii=False) + "\n")
     logger.info(report.summary(output_dir, args.min_side))

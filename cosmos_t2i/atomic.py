@@ -1,4 +1,12 @@
-"""Nothing half-written: outputs are written under a temporary sibling name and renamed into place on success."""
+"""Nothing half-written: every output is written under a hidden sibling name and renamed into place when complete.
+
+Two helpers, one for files and one for folders, used by every script and by the checkpoints:
+- `atomic_output(path)`: a file (or a folder that does not exist yet) written aside, then renamed onto `path`;
+  `write_text_atomic` is it for a small text file, flushed to disk before the rename.
+- `staged_folder(target)`: an empty folder beside `target` that replaces it when the block succeeds (the old one is
+  moved aside first and removed after); `replace_folder` is that last step alone, for writers that stage across
+  several processes (checkpoints). What a dead run left beside `target` is cleared by the next one.
+"""
 
 from __future__ import annotations
 
@@ -26,3 +34,79 @@ def atomic_output(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`path` holds `text` or what it held before, also after a power loss (flushed to disk before the rename)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, keep_existing: bool = False):
+    """Yield an empty staging folder beside `target`; when the block succeeds, it replaces `target`.
+
+    The old `target` (if any) stays untouched until the new one is complete, so an interrupted run leaves either
+    the previous folder or none, never a partial one that loads. Staging folders of dead runs are removed.
+    `keep_existing`: a `target` that appeared meanwhile wins (another process built the same thing).
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if not (keep_existing and target.exists()):
+            replace_folder(staging, target, aside=target.with_name(f".{target.name}.old-{os.getpid()}"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_folder(staging: Path, target: Path, aside: Path) -> None:
+    """Rename the complete `staging` onto `target`. An existing `target` is first renamed to `aside`, where a reader
+    finds it if this process dies between the two renames, and removed once the new one is in place."""
+    if target.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(target, aside)
+        os.replace(staging, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Clear what a run that died left beside `target`: its staging folder, and the previous `target` it had moved
+    aside (put back in place if the run died before its replacement arrived)."""
+    for kind in ("partial", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not target.exists():
+                os.replace(path, target)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace a non-empty folder unless asked to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")

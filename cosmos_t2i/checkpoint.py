@@ -15,7 +15,6 @@ latest_checkpoint.txt (itself replaced atomically) name it. A crash mid-save lea
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import replace_folder, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest_checkpoint.txt"
@@ -66,15 +67,6 @@ def read_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / TRAINER / STATE).read_text())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(accelerator, output_dir, iteration: int, *, save_model, model, optimizer, scheduler,
                     state: dict, config: dict, total_limit: int | None = None) -> Path:
     """Write checkpoint `iteration`; every process calls this. `save_model(directory)` writes model/."""
@@ -99,13 +91,10 @@ def save_checkpoint(accelerator, output_dir, iteration: int, *, save_model, mode
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        replaced = _replaced(final)
-        if final.exists():  # the same iteration saved again (a rerun of a finished job): the old copy is moved
-            shutil.rmtree(replaced, ignore_errors=True)  # aside, where latest_checkpoint() finds it after a crash
-            os.replace(final, replaced)
-        os.replace(staging, final)
-        _write_atomic(root / LATEST, final.name + "\n")
-        shutil.rmtree(replaced, ignore_errors=True)
+        # The same iteration saved again (a rerun of a finished job): the old copy is moved aside, where
+        # latest_checkpoint() finds it after a crash.
+        replace_folder(staging, final, aside=_replaced(final))
+        write_text_atomic(root / LATEST, final.name + "\n")
         if total_limit:
             _prune(root, keep=total_limit, current=final.name)
     accelerator.wait_for_everyone()

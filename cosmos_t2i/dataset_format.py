@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+METADATA_FILE = "metadata.jsonl"  # the imagefolder's captions
+# What counts as an image of an input folder or an imagefolder.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 EMBEDDED_SUBDIR = "embedded"
 INFO_FILE = "cosmos_t2i.json"
 TEXT_COLUMN = "text"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import dataset_format as fmt
-from .frames import IMAGE_EXTENSIONS, METADATA_FILE
+from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
 from .hub_errors import explain_hub_errors
 from .speed import single_frame_vae_convs
 from .text_encoding import MAX_LENGTH, encode_captions
@@ -214,7 +214,7 @@ def write_nvidia_imagefolder(nvidia_dir: str | Path, pairs: list[tuple[Path, Pat
 
     metas, output_dir = Path(nvidia_dir) / "metas", Path(output_dir)
     uncaptioned = 0
-    # Called on a staging folder (frames.staged_folder): metadata.jsonl is written after the images.
+    # Called on a staging folder (atomic.staged_folder): metadata.jsonl is written after the images.
     records = []
     for image, _ in pairs:
         shutil.copyfile(image, output_dir / image.name)

@@ -26,10 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from .dataset_format import IMAGE_EXTENSIONS
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 JPEG_QUALITY = 95
-METADATA_FILE = "metadata.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,66 +300,3 @@ def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int)
     report.too_small.sort()
     report.seconds = time.perf_counter() - start
     return results, report
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Folder outputs that appear complete or not at all
-
-
-@contextlib.contextmanager
-def staged_folder(target: str | os.PathLike):
-    """Yield an empty staging folder beside `target`; when the block succeeds, it replaces `target`.
-
-    The old `target` (if any) stays untouched until the new one is complete, so an interrupted run leaves either
-    the previous dataset or none, never a partial one that loads. Staging folders of dead runs are removed.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_stale_staging(target: Path) -> None:
-    """Clear what a run that died left behind: its staging folder, and the previous `target` it had moved aside
-    (put back in place if the run died before its replacement arrived)."""
-    for kind in ("partial", "old"):
-        for path in target.parent.glob(f".{target.name}.{kind}-*"):
-            pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            if kind == "old" and not target.exists():
-                os.replace(path, target)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to replace a non-empty folder unless asked to."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")

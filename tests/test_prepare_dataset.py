@@ -144,7 +144,7 @@ def test_output_names_do_not_collide():
 def test_a_run_that_died_mid_swap_gets_its_previous_output_back(tmp_path):
     """A run killed between moving the old output aside and renaming the new one in: the next run puts the
     complete old output back (never losing it) and clears the dead run's staging folder."""
-    from cosmos_t2i.frames import staged_folder
+    from cosmos_t2i.atomic import staged_folder
 
     target = tmp_path / "dataset"
     dead_pid = 2**22 + 12345  # above Linux's default pid_max: no such process
