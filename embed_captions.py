@@ -31,7 +31,7 @@ import torch
 from cosmos_t2i import dataset_format as fmt
 from cosmos_t2i import embedding
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
-from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path
+from cosmos_t2i.models import Model, device_and_dtype, load_text_encoder, load_vae, resolve_model
 from cosmos_t2i.text_encoding import MAX_LENGTH
 
 logger = logging.getLogger("embed_captions")
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache_latents", action="store_true",
                         help="Also store each image's normalized VAE posterior mean at its aspect-ratio bucket's "
                              "resolution, so training never runs T5 or the VAE encoder.")
-    parser.add_argument("--dtype", choices=sorted(embedding.DTYPES), default=None,
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="Compute dtype of T5 and the VAE (default: bf16 on a GPU, fp32 on a CPU). Embeddings "
                              "are stored as float16 either way, as NVIDIA stores them.")
     parser.add_argument("--caption_column", default=fmt.TEXT_COLUMN,
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     dataset_dir = Path(args.dataset_dir)
     # Resolve before any work: an unknown --model fails now, not after the import.
-    model_path = resolve_model_path(args.model) if args.model else None
+    model = resolve_model(args.model) if args.model else None
     if args.from_nvidia_dir:
         pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
         require_empty_or_overwrite(dataset_dir, args.overwrite)
@@ -86,11 +86,11 @@ def main(argv=None) -> dict:
             if uncaptioned:
                 logger.warning("%d of %d images have no metas/<stem>.txt caption; their text is empty.",
                                uncaptioned, len(pairs))
-            info = build_embedded(args, model_path, staging, staging / fmt.EMBEDDED_SUBDIR)
+            info = build_embedded(args, model, staging, staging / fmt.EMBEDDED_SUBDIR)
     else:
         embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
         with staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
-            info = build_embedded(args, model_path, dataset_dir, staging)
+            info = build_embedded(args, model, dataset_dir, staging)
     logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
                 info["num_unique_captions"], info["text_embed_dim"],
                 ", latents cached" if args.cache_latents else "", dataset_dir / fmt.EMBEDDED_SUBDIR,
@@ -98,15 +98,15 @@ def main(argv=None) -> dict:
     return info
 
 
-def build_embedded(args, model_path: str | None, imagefolder_dir: Path, output_dir: Path) -> dict:
+def build_embedded(args, model: Model | None, imagefolder_dir: Path, output_dir: Path) -> dict:
     """Write the embedded dataset of `imagefolder_dir` into the (empty) `output_dir`; return its info."""
-    device, dtype = embedding.device_and_dtype(args.dtype)
+    device, dtype = device_and_dtype(args.dtype)
     # Intermediate Arrow files go beside the output (same disk, removed at the end), not into ~/.cache.
     work = Path(tempfile.mkdtemp(prefix=".embed-work-", dir=output_dir.parent))
     try:
         dataset = embedding.load_imagefolder(imagefolder_dir, work / "hf", args.caption_column)
         captions = dataset[fmt.TEXT_COLUMN]
-        info = {"model": args.model, "model_path": model_path, "max_length": MAX_LENGTH,
+        info = {"model": args.model, "model_path": model.path if model else None, "max_length": MAX_LENGTH,
                 "embedding_dtype": "float16", "num_rows": len(dataset),
                 "num_unique_captions": len(set(captions))}
         if args.from_nvidia_dir:
@@ -116,8 +116,8 @@ def build_embedded(args, model_path: str | None, imagefolder_dir: Path, output_d
             info.update(source="nvidia_t5_xxl", from_nvidia_dir=str(Path(args.from_nvidia_dir).resolve()),
                         text_embed_dim=dim, dtype="unknown (imported)")
         else:
-            logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model_path, device, dtype)
-            tokenizer, text_encoder = embedding.load_text_encoder(model_path, device, dtype)
+            logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model.path, device, dtype)
+            tokenizer, text_encoder = load_text_encoder(model, device, dtype)
             t5_rows, _ = embedding.encoded_t5_rows(captions, tokenizer, text_encoder, args.batch_size,
                                                    work / "t5.arrow")
             info.update(source="encoded", text_encoder=type(text_encoder).__name__,
@@ -126,9 +126,8 @@ def build_embedded(args, model_path: str | None, imagefolder_dir: Path, output_d
             _free(device)
         columns = [dataset, t5_rows]
         if args.cache_latents:
-            preset = preset_for(args.model)
-            resolutions = preset.resolutions if preset else ASPECT_RATIOS  # the same rule training uses
-            vae = embedding.load_vae(model_path, device, dtype)
+            resolutions = model.resolutions  # the buckets training uses
+            vae = load_vae(model, device, dtype)
             latents = embedding.latent_rows(dataset, vae, resolutions, args.batch_size, work / "latents.arrow")
             del vae
             _free(device)

@@ -22,8 +22,8 @@ from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
-from cosmos_t2i.pipeline import DTYPES, load_transformer
-from cosmos_t2i.presets import load_model_transformer
+from cosmos_t2i.models import DTYPES, Model, load_base_transformer, resolve_model
+from cosmos_t2i.pipeline import load_transformer
 
 
 
@@ -57,16 +57,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _base_model(args, checkpoint: Checkpoint | None) -> str:
-    model = args.model or ((checkpoint.run_config or {}).get("model") if checkpoint else None)
-    if model is None:
+def _base_model(args, checkpoint: Checkpoint | None) -> Model:
+    name = args.model or (checkpoint.trained_from if checkpoint else None)
+    if name is None:
         raise ValueError("Pass --model: the checkpoint does not record the model it was trained from.")
-    return model
+    return resolve_model(name)
 
 
-def _fused_transformer(model: str, transformer, loras: list[Checkpoint], scales: list[float]):
+def _fused_transformer(model: Model, transformer, loras: list[Checkpoint], scales: list[float]):
     """`transformer` (float32; --model's own when None) with the LoRAs fused into its weights."""
-    transformer = transformer if transformer is not None else load_model_transformer(model, torch.float32)
+    transformer = transformer if transformer is not None else load_base_transformer(model, torch.float32)
     if loras:
         apply_loras(transformer, [read_lora(c) for c in loras], scales, fuse=True)
     return transformer

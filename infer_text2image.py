@@ -31,9 +31,9 @@ from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.cuda_graphs import GraphedTransformer
 from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
-from cosmos_t2i.pipeline import DTYPES, NoGuardrail, load_pipeline, load_transformer
+from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i import fp8, speed
-from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
+from cosmos_t2i.models import ASPECT_RATIOS, DTYPES, resolve_model
 from cosmos_t2i.sampling import SAMPLERS, generate, uses_unconditional_pass
 
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
@@ -230,9 +230,8 @@ def main(args):
     from tqdm.auto import tqdm
 
     dit = resolve_checkpoint(args.dit_path, args.load_ema) if args.dit_path else None
-    model = args.model or ((dit.run_config or {}).get("model") if dit else None) or DEFAULT_MODEL
-    preset = preset_for(model)
-    requests = read_requests(args, preset.resolutions if preset else ASPECT_RATIOS)
+    model = resolve_model(args.model or (dit.trained_from if dit else None) or DEFAULT_MODEL)
+    requests = read_requests(args, model.resolutions)
     loras = ([dit] if dit and dit.kind == "lora" else []) + [resolve_lora(source) for source in args.lora]
     scales = expand_scales(args.lora_scale, len(loras))
 
@@ -261,7 +260,7 @@ def main(args):
     denoiser = GraphedTransformer(pipe.transformer) if cuda_graph else None
 
     record = {
-        "model": model,
+        "model": model.name,
         "checkpoint": dit.describe() if dit else None,
         "nvidia_lora_alpha": args.nvidia_lora_alpha if dit and dit.kind == "nvidia" else None,
         "loras": [dict(c.describe(), scale=s) for c, s in zip(loras, scales)],
@@ -293,7 +292,7 @@ def main(args):
             save_image(image, request.output)
             sidecar = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
                            width=request.width, height=request.height, aspect_ratio=request.aspect_ratio, **record,
-                           command=reproduce_command(args, model, request, scales, compiled))
+                           command=reproduce_command(args, model.name, request, scales, compiled))
             with atomic_output(request.output.with_suffix(".json")) as tmp:
                 tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
     state.wait_for_everyone()

@@ -5,7 +5,7 @@
         --output_dir checkpoints/posttraining/text2image/14b_lora_my_run
 
 DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
-model (cosmos_t2i/presets.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
+model (cosmos_t2i/models.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
 the same command resumes from the latest one, also on another number of GPUs (the data continues from the same
 global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits.
 """
@@ -30,10 +30,9 @@ from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import hub, speed
-from cosmos_t2i.embedding import load_vae
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
-from cosmos_t2i.presets import ASPECT_RATIOS, preset_for, resolve_model_path, transformer_config
+from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
 from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
                                distribution_change_refused, effective_batch, linear_decay)
 from cosmos_t2i.trainable import build_transformer, load_ema, save_weights
@@ -168,8 +167,8 @@ def _parse_size(text: str) -> list[int]:
 
 def main(args):
     # Everything that can be wrong with the inputs is checked before any weights are loaded.
-    preset = preset_for(args.model)
-    model_path = resolve_model_path(args.model)
+    model = resolve_model(args.model)
+    preset = model.preset
     if preset is None and (args.learning_rate is None or args.weight_decay is None):
         raise ValueError(f"{args.model} is not one of the presets (2B, 14B, tiny): pass --learning_rate and "
                          "--weight_decay for it.")
@@ -220,11 +219,11 @@ def main(args):
     if args.push_to_hub:
         hub.require_token()
 
-    arch = transformer_config(args.model)
+    arch = model.transformer_config
     if args.synthetic_data:
         data = SyntheticLatents(*args.synthetic_data, embedding_dim=arch["text_embed_dim"])
     else:
-        data = EmbeddedImages(args.dataset_dir, preset.resolutions if preset else ASPECT_RATIOS)
+        data = EmbeddedImages(args.dataset_dir, model.resolutions)
         if data.embedding_dim != arch["text_embed_dim"]:
             raise ValueError(
                 f"{args.dataset_dir} holds {data.embedding_dim}-dimensional T5 embeddings (embedded with "
@@ -233,24 +232,24 @@ def main(args):
             )
 
     device = accelerator.device
-    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+    weight_dtype = dtype_named(args.mixed_precision)
     # The dtype of the weights that read the inputs first: fp32 masters under autocast, but a frozen base (LoRA)
     # and DeepSpeed's bf16 mode (which turns autocast off and keeps the masters in its optimizer) hold bf16 weights.
     text_dtype = weight_dtype if args.lora or _deepspeed(accelerator) else torch.float32
     validator = None
     if args.validation_prompt:
-        embeds = encode_prompts(model_path, args.validation_prompt, device, weight_dtype) \
+        embeds = encode_prompts(model, args.validation_prompt, device, weight_dtype) \
             if accelerator.is_main_process else None
         embeds = broadcast_object_list([embeds])[0]
-        size = (preset.resolutions if preset else ASPECT_RATIOS)[args.validation_aspect_ratio]
-        validator = Validator(args.model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
+        size = model.resolutions[args.validation_aspect_ratio]
+        validator = Validator(model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
                               args.validation_guidance_scale, args.seed, output_dir)
     vae = None
     if not data.cached_latents:
-        vae = load_vae(model_path, device, weight_dtype).requires_grad_(False)
+        vae = load_vae(model, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
-    transformer = build_transformer(model_path, arch, random_init=args.random_init, lora=args.lora,
+    transformer = build_transformer(model, arch, random_init=args.random_init, lora=args.lora,
                                     rank=args.rank, alpha=args.lora_alpha, frozen_dtype=weight_dtype,
                                     device=device, checkpoint=resume,
                                     weights_arrive_later=_fsdp_broadcasts_weights(accelerator)

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cosmos_t2i import dataset_format as fmt  # noqa: E402
 from cosmos_t2i import embedding  # noqa: E402
-from cosmos_t2i.presets import ASPECT_RATIOS  # noqa: E402
+from cosmos_t2i.models import ASPECT_RATIOS  # noqa: E402
 from cosmos_t2i.training_data import EmbeddedImages, make_dataloader  # noqa: E402
 
 

@@ -26,7 +26,7 @@ from benchmarks.common import (  # noqa: E402
 from cosmos_t2i import fp8, speed  # noqa: E402
 from cosmos_t2i.cuda_graphs import GraphedTransformer  # noqa: E402
 from cosmos_t2i.pipeline import NoGuardrail  # noqa: E402
-from cosmos_t2i.presets import PRESETS  # noqa: E402
+from cosmos_t2i.models import PRESETS  # noqa: E402
 from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
 
 

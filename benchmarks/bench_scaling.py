@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import MULTICAST_OFF, train_flops_per_sample, write_table  # noqa: E402
-from cosmos_t2i.presets import transformer_config  # noqa: E402
+from cosmos_t2i.models import resolve_model  # noqa: E402
 
 CONFIGS = ROOT / "accelerate_configs"
 THROUGHPUT = re.compile(r"Throughput: ([\d.]+) samples/s, ([\d.]+) ms/step over \d+ steps(?:; peak GPU memory "
@@ -98,7 +98,7 @@ def main(argv=None):
     workload = WORKLOADS[args.workload]
     if args.model:
         workload = dataclasses.replace(workload, model=args.model)
-    flops = train_flops_per_sample(transformer_config(workload.model), args.height, args.width, workload.lora,
+    flops = train_flops_per_sample(resolve_model(workload.model).transformer_config, args.height, args.width, workload.lora,
                                    workload.recompute)
     log_dir = Path(args.out).parent if args.out else Path(tempfile.mkdtemp())
     log_dir.mkdir(parents=True, exist_ok=True)

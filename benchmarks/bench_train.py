@@ -26,7 +26,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from cosmos_t2i import speed, trainable  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
-from cosmos_t2i.presets import PRESETS  # noqa: E402
+from cosmos_t2i.models import PRESETS  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -73,10 +73,8 @@ def replace_folder(staging: Path, target: Path, aside: Path) -> None:
     if target.exists():
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(target, aside)
-        os.replace(staging, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    os.replace(staging, target)
+    shutil.rmtree(aside, ignore_errors=True)  # also one a process that died between the renames left
 
 
 def remove_stale_staging(target: Path) -> None:

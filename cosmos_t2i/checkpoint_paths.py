@@ -14,7 +14,6 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .lora import WEIGHT_NAME as LORA_WEIGHT_NAME
-from .presets import PRESETS
 
 
 class NoEMAError(ValueError):
@@ -28,6 +27,11 @@ class Checkpoint:
     ema: bool
     source: str  # as the user gave it, for messages and the sidecar JSON
     run_config: dict | None = None  # trainer/config.json of our run, when the path is inside one
+
+    @property
+    def trained_from(self) -> str | None:
+        """The --model of the run that saved it, when it is ours and records it."""
+        return (self.run_config or {}).get("model")
 
     def describe(self) -> dict:
         return {"source": self.source, "kind": self.kind, "path": str(self.path), "ema": self.ema}
@@ -99,31 +103,3 @@ def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:
         with explain_hub_errors(source):
             return Checkpoint("lora", Path(hf_hub_download(source, LORA_WEIGHT_NAME)), False, source)
     raise FileNotFoundError(f"LoRA {source} does not exist (neither a local path nor a Hub repo id owner/name).")
-
-
-def _dims(config: dict) -> tuple[int, int, int]:
-    return config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]
-
-
-def preset_name_for(config: dict) -> str | None:
-    """The preset whose transformer has these dimensions (2B, 14B, tiny), if any."""
-    return next((p.name for p in PRESETS.values() if _dims(p.transformer_config) == _dims(config)), None)
-
-
-def describe_architecture(config: dict) -> str:
-    """'2B (28 blocks x 16 heads)', or '3 blocks x 4 heads of 16' for a size no preset has."""
-    layers, heads, head_dim = _dims(config)
-    name = preset_name_for(config)
-    return f"{name} ({layers} blocks x {heads} heads)" if name else f"{layers} blocks x {heads} heads of {head_dim}"
-
-
-def check_same_architecture(checkpoint_config: dict, model_config: dict, model: str) -> None:
-    """Refuse a checkpoint of another size than `--model`, naming both."""
-    if _dims(checkpoint_config) == _dims(model_config):
-        return
-    model_desc = describe_architecture(model_config)
-    if model not in PRESETS:
-        model_desc = f"{model}, {model_desc}"
-    hint = preset_name_for(checkpoint_config)
-    raise ValueError(f"checkpoint is {describe_architecture(checkpoint_config)}, --model is {model_desc}"
-                     + (f": pass --model {hint}." if hint else "."))

@@ -18,43 +18,7 @@ import torch
 
 from . import dataset_format as fmt
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
-from .hub_errors import explain_hub_errors
-from .speed import single_frame_vae_convs
 from .text_encoding import MAX_LENGTH, encode_captions
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models
-
-
-def device_and_dtype(dtype_flag: str | None) -> tuple[torch.device, torch.dtype]:
-    """The GPU when there is one, in bf16 unless fp32 is asked for; on a CPU fp32 unless bf16 is asked for."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype_flag is None:
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, DTYPES[dtype_flag]
-
-
-def load_text_encoder(model_path: str, device, dtype):
-    """Only the tokenizer and T5 encoder of the pipeline (T5-XXL's encoder alone is ~9 GiB in bf16)."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    with explain_hub_errors(model_path):
-        tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
-        text_encoder = T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype)
-    return tokenizer, text_encoder.to(device).eval()
-
-
-def load_vae(model_path: str, device, dtype):
-    from diffusers import AutoencoderKLWan
-
-    with explain_hub_errors(model_path):
-        vae = AutoencoderKLWan.from_pretrained(model_path, subfolder="vae", dtype=dtype)
-    single_frame_vae_convs(vae)  # images are single frames: same sums, a third of the work
-    return vae.to(device).eval()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Columns

@@ -21,7 +21,8 @@ import warnings
 import torch
 
 from .lora import PREFIX as LORA_PREFIX
-from .checkpoint_paths import Checkpoint, describe_architecture
+from .checkpoint_paths import Checkpoint
+from .models import describe_architecture
 from .nvidia_format import diffusers_to_nvidia_module
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint_paths import Checkpoint, NoEMAError, check_same_architecture
-from .presets import preset_for, resolve_model_path, transformer_config
+from .checkpoint_paths import Checkpoint, NoEMAError
+from .models import DTYPES, Model, as_model, check_same_architecture
 from .speed import single_frame_vae_convs
 
-
-# --dtype of the inference and export scripts.
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 class NoGuardrail:
     """Stand-in safety checker that lets everything through.
@@ -55,9 +52,8 @@ class PinnedGuardrail:
         return self.checker.check_video_safety(video)
 
 
-def make_safety_checker(model: str, device, disable_guardrail: bool = False, offload_guardrail: bool = False):
-    preset = preset_for(model)
-    if disable_guardrail or (preset is not None and preset.name == "tiny"):
+def make_safety_checker(model: Model, device, disable_guardrail: bool = False, offload_guardrail: bool = False):
+    if disable_guardrail or model.is_tiny:
         return NoGuardrail()
     try:
         from cosmos_guardrail import CosmosSafetyChecker
@@ -72,7 +68,7 @@ def make_safety_checker(model: str, device, disable_guardrail: bool = False, off
 
 
 def load_pipeline(
-    model: str,
+    model: Model | str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     transformer=None,
@@ -91,21 +87,21 @@ def load_pipeline(
 
     from .hub_errors import explain_hub_errors
 
-    path = resolve_model_path(model)
+    model = as_model(model)
     components = {"safety_checker": make_safety_checker(model, device, disable_guardrail, offload_guardrail)}
     if transformer is not None:
         components["transformer"] = transformer
     if not load_text_encoder:
         components.update(text_encoder=None, tokenizer=None)
-    with explain_hub_errors(path):
-        pipe = Cosmos2TextToImagePipeline.from_pretrained(path, dtype=dtype, **components)
+    with explain_hub_errors(model.path):
+        pipe = Cosmos2TextToImagePipeline.from_pretrained(model.path, dtype=dtype, **components)
     if not stock_vae:
         single_frame_vae_convs(pipe.vae)
     return pipe.to(device)
 
 
 def load_transformer(
-    model: str,
+    model: Model | str,
     checkpoint: Checkpoint | None,
     dtype: torch.dtype = torch.bfloat16,
     nvidia_lora_alpha: float | None = None,
@@ -122,9 +118,9 @@ def load_transformer(
 
     if checkpoint is None or checkpoint.kind == "lora":
         return None
-    model_config = transformer_config(model)
+    model = as_model(model)
     if checkpoint.kind == "full":
-        check_same_architecture(CosmosTransformer3DModel.load_config(checkpoint.path), model_config, model)
+        check_same_architecture(CosmosTransformer3DModel.load_config(checkpoint.path), model)
         return CosmosTransformer3DModel.from_pretrained(checkpoint.path, dtype=dtype)
 
     net, ema = nvidia_format.split_net_ema(
@@ -133,16 +129,16 @@ def load_transformer(
     if checkpoint.ema and not ema:
         raise NoEMAError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
     weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha)
-    check_same_architecture(nvidia_format.nvidia_dims(weights), model_config, model)
+    check_same_architecture(nvidia_format.nvidia_dims(weights), model)
     state_dict = nvidia_format.nvidia_to_diffusers(weights)
     with torch.device("meta"):
-        transformer = CosmosTransformer3DModel.from_config(model_config)
+        transformer = CosmosTransformer3DModel.from_config(model.transformer_config)
     expected = {k: v.shape for k, v in transformer.state_dict().items()}
     missing = sorted(expected.keys() - state_dict.keys())
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items()
              if k in state_dict and state_dict[k].shape != s]
     if missing or wrong:
-        raise ValueError(f"{checkpoint.source} does not match the {model} transformer: "
+        raise ValueError(f"{checkpoint.source} does not match the {model.name} transformer: "
                          f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(wrong)} of another shape "
                          f"(e.g. {wrong[:3]}).")
     transformer.load_state_dict(state_dict, strict=True, assign=True)

@@ -9,7 +9,7 @@ moves a B=0-initialised adapter so little in 1000 steps that it learns almost no
 from __future__ import annotations
 
 from .checkpoint import optimizer_layout
-from .presets import Preset
+from .models import Preset
 
 LORA_RANK = 16
 LORA_ALPHA = 16

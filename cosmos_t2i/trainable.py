@@ -13,10 +13,10 @@ import torch
 from . import checkpoint as ckpt
 from .ema import PowerEMA
 from .lora import lora_config, read_lora, save_lora
-from .presets import load_model_transformer
+from .models import load_base_transformer
 
 
-def build_transformer(model_path: str, config: dict, *, random_init: bool, lora: bool, rank: int | None,
+def build_transformer(model, config: dict, *, random_init: bool, lora: bool, rank: int | None,
                       alpha: int | None, frozen_dtype: torch.dtype, device, checkpoint: Path | None = None,
                       weights_arrive_later: bool = False):
     """The model to train, with resumed weights when `checkpoint` is given. Randomly initialised models are built
@@ -42,7 +42,7 @@ def build_transformer(model_path: str, config: dict, *, random_init: bool, lora:
         with torch.device(device):
             transformer = CosmosTransformer3DModel.from_config(config).to(dtype)
     else:
-        transformer = load_model_transformer(model_path, dtype)
+        transformer = load_base_transformer(model, dtype)
     if lora:
         transformer.requires_grad_(False)
         transformer.add_adapter(lora_config(rank, alpha))

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .embedding import load_text_encoder
+from .models import Model, load_text_encoder
 from .text_encoding import encode_captions, pad_embedding
 
 
-def encode_prompts(model_path: str, prompts: list[str], device, dtype) -> torch.Tensor:
+def encode_prompts(model: Model, prompts: list[str], device, dtype) -> torch.Tensor:
     """[P, 512, D] padded T5 embeddings of `prompts`, on the CPU; the encoder is gone when this returns."""
-    tokenizer, text_encoder = load_text_encoder(model_path, device, dtype)
+    tokenizer, text_encoder = load_text_encoder(model, device, dtype)
     embeddings = encode_captions(tokenizer, text_encoder, prompts)
     padded = torch.stack([pad_embedding(e) for e in embeddings]).cpu()
     del text_encoder
@@ -28,7 +28,7 @@ def encode_prompts(model_path: str, prompts: list[str], device, dtype) -> torch.
 
 
 class Validator:
-    def __init__(self, model: str, prompts: list[str], prompt_embeds: torch.Tensor, size: tuple[int, int],
+    def __init__(self, model: Model, prompts: list[str], prompt_embeds: torch.Tensor, size: tuple[int, int],
                  num_inference_steps: int, guidance_scale: float, seed: int, output_dir: str | Path):
         self.model = model
         self.prompts = prompts

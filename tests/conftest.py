@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of the tiny pipeline saved as a diffusers folder; `--model tiny` resolves to it in this session."""
-    from cosmos_t2i.presets import build_tiny_pipeline
+    from cosmos_t2i.tiny_pipeline import build_tiny_pipeline
 
     path = tmp_path_factory.getbasetemp() / "tiny-pipeline"
     if not (path / "model_index.json").is_file():

@@ -23,7 +23,7 @@ def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspec
     from diffusers import Cosmos2TextToImagePipeline
 
     from cosmos_t2i.pipeline import NoGuardrail
-    from cosmos_t2i.presets import PRESETS
+    from cosmos_t2i.models import PRESETS
 
     extra = {"transformer": transformer} if transformer is not None else {}
     pipe = Cosmos2TextToImagePipeline.from_pretrained(model_dir, safety_checker=NoGuardrail(), dtype=torch.float32,
@@ -40,7 +40,7 @@ def stock_image(model_dir, transformer=None, seed=0, negative_prompt=None, aspec
 def tiny_transformer(**overrides):
     from diffusers import CosmosTransformer3DModel
 
-    from cosmos_t2i.presets import PRESETS
+    from cosmos_t2i.models import PRESETS
 
     torch.manual_seed(0)
     return CosmosTransformer3DModel(**dict(PRESETS["tiny"].transformer_config, **overrides))

@@ -21,7 +21,7 @@ SCRIPT = """
 import torch
 from diffusers import CosmosTransformer3DModel
 from cosmos_t2i import speed
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 
 with torch.device("cuda"):
     model = CosmosTransformer3DModel(**dict(PRESETS["2B"].transformer_config, num_layers=2)).to(torch.bfloat16)

@@ -14,7 +14,7 @@ import embed_captions
 import prepare_dataset
 from cosmos_t2i import dataset_format as fmt
 from cosmos_t2i.buckets import bucket_pixels
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 from cosmos_t2i.sample_clip import write_sample_clip
 from cosmos_t2i.text_encoding import MAX_LENGTH, pad_embedding
 from cosmos_t2i.vae_latents import encode_normalized
@@ -168,7 +168,6 @@ def test_gated_repo_refusal_says_what_to_do_and_keeps_the_old_dataset(prepared, 
             raise OSError("You are trying to access a gated repo.") from error
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refused)
-    monkeypatch.setattr(embed_captions, "resolve_model_path", lambda model: model)
     with pytest.raises(PermissionError, match=r"accept the NVIDIA Open Model License.*hf auth login.*huggingface-cli login"):
         embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "nvidia/Cosmos-Predict2-2B-Text2Image"])
     assert fmt.read_info(dataset_dir) == info  # the failed run replaced nothing

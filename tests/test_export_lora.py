@@ -13,7 +13,7 @@ import export_checkpoint
 import infer_text2image as infer
 from cosmos_t2i.checkpoint_paths import resolve_lora
 from cosmos_t2i.lora_formats import apply_loras, read_lora
-from cosmos_t2i.presets import load_model_transformer
+from cosmos_t2i.models import load_base_transformer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_merged_diffusers_folder_samples_like_the_lora(lora_run, tmp_path):
         return np.asarray(Image.open(tmp_path / name)).astype(int)
 
     # The merged folder holds the weights --fuse_lora makes, bit for bit...
-    fused = load_model_transformer("tiny", torch.float32)
+    fused = load_base_transformer("tiny", torch.float32)
     apply_loras(fused, [read_lora(resolve_lora(str(lora_run)))], [0.8], fuse=True)
     expected = fused.state_dict()
     assert merged.state_dict().keys() == expected.keys()

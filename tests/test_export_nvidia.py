@@ -11,12 +11,12 @@ from infer_helpers import lora_transformer, make_full_checkpoint, make_lora_chec
 from diffusers import CosmosTransformer3DModel
 
 import export_checkpoint
-from cosmos_t2i.checkpoint_paths import check_same_architecture, resolve_checkpoint
-from cosmos_t2i.presets import transformer_config
+from cosmos_t2i.checkpoint_paths import resolve_checkpoint
+from cosmos_t2i.models import check_same_architecture, resolve_model
 from cosmos_t2i.nvidia_format import (diffusers_to_nvidia, diffusers_to_nvidia_module, load_nvidia_checkpoint,
                                       merge_peft_lora, nvidia_dims, nvidia_to_diffusers)
 from cosmos_t2i.pipeline import load_transformer
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 
 # NVIDIA name -> diffusers name, read off TRANSFORMER_KEYS_RENAME_DICT_COSMOS_2_0 in diffusers'
 # scripts/convert_cosmos_to_diffusers.py (the renames apply in order, as substring replacements).
@@ -150,7 +150,7 @@ def test_nvidia_checkpoint_of_another_size_or_model(tmp_path):
     dims = nvidia_dims(diffusers_to_nvidia(big.state_dict()))
     with pytest.raises(ValueError, match=re.escape(
             "checkpoint is 14B (36 blocks x 40 heads), --model is 2B (28 blocks x 16 heads): pass --model 14B.")):
-        check_same_architecture(dims, transformer_config("2B"), "2B")
+        check_same_architecture(dims, resolve_model("2B"))
 
     wider = diffusers_to_nvidia(tiny_transformer(num_attention_heads=4).state_dict())
     torch.save({"net." + k: v for k, v in wider.items()}, tmp_path / "wider.pt")

@@ -14,7 +14,7 @@ from PIL import Image
 import infer_text2image as infer
 from cosmos_t2i.checkpoint_paths import resolve_checkpoint
 from cosmos_t2i.pipeline import load_transformer
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 
 # --stock_vae: several tests compare with diffusers' own pipeline bit for bit, which the 2D convolutions of the
 # default decode match only to a pixel level (test_default_decode_is_the_stock_one_within_a_pixel_level).

@@ -6,7 +6,7 @@ from diffusers import CosmosTransformer3DModel
 
 from cosmos_t2i import speed
 from cosmos_t2i.objective import diffusion_loss
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 
 
 def _loss_and_grads(transformer):

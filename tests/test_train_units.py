@@ -13,7 +13,7 @@ import torch
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import hub
 from cosmos_t2i.ema import PowerEMA, gamma_from_sigma_rel
-from cosmos_t2i.presets import PRESETS
+from cosmos_t2i.models import PRESETS
 from cosmos_t2i.recipe import apply_defaults, config_differences, linear_decay
 from cosmos_t2i.training_data import BucketBatchSampler, collate
 
@@ -161,7 +161,7 @@ def test_saving_the_same_iteration_again_never_leaves_latest_naming_nothing(tmp_
             real_replace(src, dst)
         raise OSError("killed")
 
-    monkeypatch.setattr(ckpt.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)  # in atomic.replace_folder
     with pytest.raises(OSError, match="killed"):
         _save(tmp_path, 1, save_model=lambda d: (d.mkdir(), (d / "weights").write_text("new")))
     monkeypatch.undo()
