@@ -20,7 +20,7 @@ import torch
 
 from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
-from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora, to_comfyui
+from cosmos_t2i.lora import apply_loras, expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
 from cosmos_t2i.models import DTYPES, Model, load_base_transformer, resolve_model
 from cosmos_t2i.pipeline import load_transformer
@@ -68,7 +68,7 @@ def _fused_transformer(model: Model, transformer, loras: list[Checkpoint], scale
     """`transformer` (float32; --model's own when None) with the LoRAs fused into its weights."""
     transformer = transformer if transformer is not None else load_base_transformer(model, torch.float32)
     if loras:
-        apply_loras(transformer, [read_lora(c) for c in loras], scales, fuse=True)
+        apply_loras(transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=True)
     return transformer
 
 
@@ -99,7 +99,8 @@ def export_nvidia(args) -> None:
 def export_comfyui(args) -> None:
     from safetensors.torch import save_file
 
-    lora = read_lora(resolve_lora(args.lora, args.load_ema))
+    checkpoint = resolve_lora(args.lora, args.load_ema)
+    lora = read_lora(checkpoint.path, checkpoint.source)
     # alpha stays float32: ComfyUI reads it with .item().
     tensors = {k: v if k.endswith(".alpha") else v.to(DTYPES[args.dtype]).contiguous()
                for k, v in to_comfyui(lora).items()}

@@ -30,7 +30,7 @@ import torch
 from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.cuda_graphs import GraphedTransformer
 from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
-from cosmos_t2i.lora_formats import apply_loras, expand_scales, read_lora
+from cosmos_t2i.lora import apply_loras, expand_scales, read_lora
 from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
 from cosmos_t2i import fp8, speed
 from cosmos_t2i.models import ASPECT_RATIOS, DTYPES, resolve_model
@@ -244,7 +244,7 @@ def main(args):
                          offload_guardrail=args.offload_guardrail, stock_vae=args.stock_vae)
     fuse_lora = args.fuse_lora or args.fp8  # an unfused adapter layer would stay out of fp8
     if loras:
-        apply_loras(pipe.transformer, [read_lora(c) for c in loras], scales, fuse=fuse_lora)
+        apply_loras(pipe.transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=fuse_lora)
     # The per-step bar is useful for one image; for a list, one bar over the images says more.
     pipe.set_progress_bar_config(disable=len(requests) > 1)
     on_gpu = state.device.type == "cuda"

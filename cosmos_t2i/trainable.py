@@ -50,7 +50,7 @@ def build_transformer(model, config: dict, *, random_init: bool, lora: bool, ran
             if p.requires_grad:
                 p.data = p.data.float()
         if checkpoint is not None:
-            _load_trainable(transformer, read_lora(checkpoint / ckpt.MODEL))
+            _load_trainable(transformer, read_lora(checkpoint / ckpt.MODEL).parameters())
     return transformer
 
 
@@ -78,4 +78,4 @@ def save_weights(accelerator, transformer, ema: PowerEMA | None, lora: bool, dir
 
 def load_ema(ema: PowerEMA, checkpoint: Path, lora: bool) -> None:
     directory = checkpoint / ckpt.MODEL / ckpt.EMA
-    ema.load_full_state_dict(read_lora(directory) if lora else ckpt.read_transformer_weights(directory))
+    ema.load_full_state_dict(read_lora(directory).parameters() if lora else ckpt.read_transformer_weights(directory))

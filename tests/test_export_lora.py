@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import export_checkpoint
 import infer_text2image as infer
 from cosmos_t2i.checkpoint_paths import resolve_lora
-from cosmos_t2i.lora_formats import apply_loras, read_lora
+from cosmos_t2i.lora import apply_loras, read_lora
 from cosmos_t2i.models import load_base_transformer
 
 
@@ -72,7 +72,7 @@ def test_merged_diffusers_folder_samples_like_the_lora(lora_run, tmp_path):
 
     # The merged folder holds the weights --fuse_lora makes, bit for bit...
     fused = load_base_transformer("tiny", torch.float32)
-    apply_loras(fused, [read_lora(resolve_lora(str(lora_run)))], [0.8], fuse=True)
+    apply_loras(fused, [read_lora(resolve_lora(str(lora_run)).path)], [0.8], fuse=True)
     expected = fused.state_dict()
     assert merged.state_dict().keys() == expected.keys()
     assert all(torch.equal(merged.state_dict()[k], expected[k]) for k in expected)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import infer_text2image as infer
 from cosmos_t2i.checkpoint_paths import resolve_lora
-from cosmos_t2i.lora_formats import apply_loras, read_lora
+from cosmos_t2i.lora import apply_loras, read_lora
 from cosmos_t2i.pipeline import load_pipeline
 
 FAST = ["--model", "tiny", "--num_steps", "2", "--dtype", "float32"]
@@ -55,7 +55,7 @@ def test_lora_changes_the_output_and_scale_zero_gives_the_base(lora_runs, tmp_pa
 
 
 def test_fused_equals_unfused_and_several_loras_add_up(lora_runs):
-    a, b = (read_lora(resolve_lora(str(run_dir))) for run_dir in lora_runs)
+    a, b = (read_lora(resolve_lora(str(run_dir)).path) for run_dir in lora_runs)
     unfused = latents([a, b], [0.7, 0.4])
     fused = latents([a, b], [0.7, 0.4], fuse=True)
     # float32; fusing only reorders the arithmetic (x W^T + s x A^T B^T vs x (W + s B A)^T).
@@ -72,7 +72,7 @@ def test_alpha_from_the_metadata_is_applied(lora_runs, tmp_path):
     original = lora_runs[0] / "model" / "pytorch_lora_weights.safetensors"
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(original), bare)
-    with_alpha, without = read_lora(resolve_lora(str(original))), read_lora(resolve_lora(str(bare)))
+    with_alpha, without = read_lora(resolve_lora(str(original)).path), read_lora(resolve_lora(str(bare)).path)
     module = with_alpha.modules[0]
     assert (with_alpha.scale(module), without.scale(module)) == (2.0, 1.0)
     # Doubling B with alpha = r is the same adapter as alpha = 2r.
