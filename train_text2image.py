@@ -35,7 +35,7 @@ from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
 from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
                                distribution_change_refused, effective_batch, linear_decay)
-from cosmos_t2i.trainable import build_transformer, load_ema, save_weights
+from cosmos_t2i.methods import training_method
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.validation import Validator, encode_prompts
@@ -168,12 +168,13 @@ def _parse_size(text: str) -> list[int]:
 def main(args):
     # Everything that can be wrong with the inputs is checked before any weights are loaded.
     model = resolve_model(args.model)
+    method = training_method(args)
     preset = model.preset
     if preset is None and (args.learning_rate is None or args.weight_decay is None):
         raise ValueError(f"{args.model} is not one of the presets (2B, 14B, tiny): pass --learning_rate and "
                          "--weight_decay for it.")
     if preset is not None:
-        apply_defaults(args, preset)
+        apply_defaults(args, preset, method)
     if args.lr_start_factor is None:
         args.lr_start_factor = 1.0
     output_dir = Path(args.output_dir)
@@ -235,7 +236,7 @@ def main(args):
     weight_dtype = dtype_named(args.mixed_precision)
     # The dtype of the weights that read the inputs first: fp32 masters under autocast, but a frozen base (LoRA)
     # and DeepSpeed's bf16 mode (which turns autocast off and keeps the masters in its optimizer) hold bf16 weights.
-    text_dtype = weight_dtype if args.lora or _deepspeed(accelerator) else torch.float32
+    text_dtype = weight_dtype if method.frozen_base or _deepspeed(accelerator) else torch.float32
     validator = None
     if args.validation_prompt:
         embeds = encode_prompts(model, args.validation_prompt, device, weight_dtype) \
@@ -249,11 +250,9 @@ def main(args):
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
-    transformer = build_transformer(model, arch, random_init=args.random_init, lora=args.lora,
-                                    rank=args.rank, alpha=args.lora_alpha, frozen_dtype=weight_dtype,
-                                    device=device, checkpoint=resume,
-                                    weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
-                                    and not accelerator.is_main_process)
+    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume,
+                               weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
+                               and not accelerator.is_main_process)
     transformer.train()
     if args.gradient_checkpointing:
         speed.checkpoint_blocks(transformer, args.gradient_checkpointing)
@@ -282,7 +281,7 @@ def main(args):
         iteration = state["iteration"]
         position = _continue_data(state["data_position"], saved_config["world_size"], accelerator.num_processes)
         if ema is not None:
-            load_ema(ema, resume, args.lora)
+            method.load_ema(ema, resume)
         logger.info("Resumed from %s (iteration %d)", resume, iteration)
     batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
                                    accelerator.process_index, position, args.dataloader_num_workers))
@@ -290,7 +289,7 @@ def main(args):
     def save(iteration):
         return ckpt.save_checkpoint(
             accelerator, output_dir, iteration,
-            save_model=lambda directory: save_weights(accelerator, transformer, ema, args.lora, directory),
+            save_model=lambda directory: method.save_weights(accelerator, transformer, ema, directory),
             model=transformer, optimizer=optimizer, scheduler=scheduler,
             state={"data_position": position}, config=config, total_limit=args.checkpoints_total_limit,
         )
@@ -306,7 +305,7 @@ def main(args):
 
     accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
     logger.info("Training %s (%s) from iteration %d to %d; peak lr %.3g, %d trainable parameters",
-                args.model, "LoRA" if args.lora else "full", iteration, args.max_iter,
+                args.model, method.label, iteration, args.max_iter,
                 args.learning_rate * args.lr_start_factor, sum(getattr(p, "ds_numel", p.numel()) for p in trainable))
     samples_per_step = effective_batch(config)
     progress = tqdm(total=args.max_iter, initial=iteration, disable=not accelerator.is_main_process)
@@ -374,7 +373,7 @@ def main(args):
     _report_speed(step_seconds, samples_per_step, device)
 
     if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
-        _push(args, config, preset, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
+        _push(args, config, preset, method, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
     accelerator.end_training()
     return ckpt.latest_checkpoint(output_dir)
 
@@ -494,7 +493,7 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def _push(args, config: dict, preset, data, checkpoint: Path) -> None:
+def _push(args, config: dict, preset, method, data, checkpoint: Path) -> None:
     """Upload the final model/ with a model card and the final validation images."""
     # Named as Validator.save names them: prompt k's image is <iter>_<k>.jpg (a sorted glob would put _10 before _2).
     validation_dir = Path(args.output_dir) / "validation"
@@ -504,18 +503,19 @@ def _push(args, config: dict, preset, data, checkpoint: Path) -> None:
     card_images = [(f"images/{path.name}", prompt) for path, prompt in pairs]
     card = hub.model_card(
         repo_id=args.hub_model_id, base_model=preset.hub_id if preset and preset.hub_id else args.model,
-        lora=args.lora, instance_prompt=data.instance_prompt(), recipe=recipe_summary(config), images=card_images,
+        method=method, instance_prompt=data.instance_prompt(), recipe=recipe_summary(config, method),
+        images=card_images,
     )
     folder = hub.prepare_upload(checkpoint / ckpt.MODEL, Path(args.output_dir) / "hub_upload", card,
                                 {f"images/{path.name}": path for path, _ in pairs})
     logger.info("Uploaded %s to https://huggingface.co/%s", folder, hub.push(folder, args.hub_model_id))
 
 
-def recipe_summary(config: dict) -> dict:
+def recipe_summary(config: dict, method) -> dict:
     """The run's settings worth a line in the model card."""
     return {
         "base model": config["model"],
-        "method": f"LoRA rank {config['rank']}, alpha {config['lora_alpha']}" if config["lora"] else "full fine-tune",
+        "method": method.summary(config),
         "steps": config["max_iter"],
         "batch": f"{config['train_batch_size']} per GPU x {config['gradient_accumulation_steps']} accumulation x "
                  f"{config['world_size']} GPUs",

@@ -24,7 +24,8 @@ from benchmarks.common import (  # noqa: E402
     Timer, allocator_stats, device_name, free_memory, peak_gib, profile_kernels, reset_peak_memory,
     train_flops_per_sample, write_table,
 )
-from cosmos_t2i import speed, trainable  # noqa: E402
+from cosmos_t2i import speed  # noqa: E402
+from cosmos_t2i.methods import FullFineTune, LoraFineTune  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
 from cosmos_t2i.models import PRESETS  # noqa: E402
 
@@ -106,10 +107,8 @@ def parse_args(argv=None):
 def build_transformer(model: str, lora: bool, device):
     """The training script's own model builder, with random weights of the real architecture."""
     torch.manual_seed(0)
-    transformer = trainable.build_transformer(
-        model, PRESETS[model].transformer_config, random_init=True, lora=lora, rank=16, alpha=16,
-        frozen_dtype=torch.bfloat16, device=device,
-    )
+    method = LoraFineTune(16, 16, torch.bfloat16) if lora else FullFineTune()
+    transformer = method.build(model, PRESETS[model].transformer_config, random_init=True, device=device)
     return transformer, [p for p in transformer.parameters() if p.requires_grad]
 
 

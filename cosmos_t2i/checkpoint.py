@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ MODEL, OPTIM, SCHEDULER, TRAINER = "model", "optim", "scheduler", "trainer"
 EMA = "ema"
 CONFIG = "config.json"
 STATE = "state.json"
-TRANSFORMER_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 
 
 def iter_name(iteration: int) -> str:
@@ -184,40 +182,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# Weights of a full fine-tune: a diffusers folder written from a state dict, because under FSDP the live module
-# holds shards and only the gathered state dict is whole.
-
-def save_transformer(directory: str | Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
-    """`transformer`'s config and `state_dict` as a folder CosmosTransformer3DModel.from_pretrained loads."""
-    from huggingface_hub import save_torch_state_dict
-
-    transformer.save_config(directory)
-    save_torch_state_dict(state_dict, directory, filename_pattern=TRANSFORMER_WEIGHTS, max_shard_size="10GB")
-
-
-def read_transformer_weights(directory: str | Path) -> TransformerWeights:
-    """The tensors of a folder save_transformer wrote, by name, each read from disk when it is asked for."""
-    return TransformerWeights(sorted(Path(directory).glob("diffusion_pytorch_model*.safetensors")))
-
-
-class TransformerWeights(Mapping):
-    """Tensors of safetensors files, read one at a time on access. Every process of a sharded resume reads the whole
-    EMA to keep its own shard of each tensor: in fp32 a 14B EMA is 56 GB, which 8 processes could not hold at once,
-    while one tensor at a time is at most a few hundred MB."""
-
-    def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._files = {path: safe_open(str(path), framework="pt") for path in files}
-        self._where = {name: path for path, f in self._files.items() for name in f.keys()}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._files[self._where[name]].get_tensor(name)
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)

@@ -18,15 +18,15 @@ def require_token() -> None:
         )
 
 
-def model_card(*, repo_id: str, base_model: str, lora: bool, instance_prompt: str | None, recipe: dict,
+def model_card(*, repo_id: str, base_model: str, method, instance_prompt: str | None, recipe: dict,
                images: list[tuple[str, str]]) -> str:
     """README.md for the Hub: YAML front matter, what was trained and how, samples, and how to load it.
 
-    `images` are (path inside the repo, prompt) pairs; `recipe` the values worth reporting (lr, steps, ...).
+    `method` is the training method (methods.py), which writes the loading section; `images` are (path inside the
+    repo, prompt) pairs; `recipe` the values worth reporting (lr, steps, ...).
     """
-    kind = "LoRA" if lora else "full fine-tune"
     tags = ["text-to-image", "diffusers", "cosmos", "cosmos-predict2", "diffusers-training"]
-    tags += ["lora"] if lora else []
+    tags += ["lora"] if method.name == "lora" else []
     front = ["---", f"base_model: {base_model}", "library_name: diffusers", "license: other",
              "license_name: nvidia-open-model-license", f"license_link: {LICENSE_LINK}", "tags:"]
     front += [f"- {tag}" for tag in tags]
@@ -41,34 +41,13 @@ def model_card(*, repo_id: str, base_model: str, lora: bool, instance_prompt: st
     rows = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
     samples = "\n".join(f"![{prompt}]({path})" for path, prompt in images)
     prompt_line = f"\nTrained on images captioned `{instance_prompt}`; use that prompt.\n" if instance_prompt else ""
-    if lora:
-        load = f"""```python
-import torch
-from diffusers import Cosmos2TextToImagePipeline
-
-pipe = Cosmos2TextToImagePipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.transformer.load_lora_adapter("{repo_id}", weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
-image = pipe("{instance_prompt or 'your prompt'}", num_inference_steps=35, guidance_scale=4.0).images[0]
-```
-The EMA of the adapter is in `ema/` (same format, `subfolder="ema"`)."""
-    else:
-        load = f"""```python
-import torch
-from diffusers import Cosmos2TextToImagePipeline, CosmosTransformer3DModel
-
-transformer = CosmosTransformer3DModel.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)
-pipe = Cosmos2TextToImagePipeline.from_pretrained(
-    "{base_model}", transformer=transformer, torch_dtype=torch.bfloat16
-).to("cuda")
-image = pipe("{instance_prompt or 'your prompt'}", num_inference_steps=35, guidance_scale=4.0).images[0]
-```
-The EMA weights are in `ema/` (same format, `subfolder="ema"`)."""
+    load = method.card_usage(repo_id, base_model, instance_prompt or "your prompt")
 
     return f"""{chr(10).join(front)}
 
 # {repo_id}
 
-A {kind} of [{base_model}](https://huggingface.co/{base_model}) trained with NVIDIA's Cosmos-Predict2
+A {method.label} of [{base_model}](https://huggingface.co/{base_model}) trained with NVIDIA's Cosmos-Predict2
 post-training recipe (cosmos-t2i-finetune, on diffusers).
 {prompt_line}
 {samples}

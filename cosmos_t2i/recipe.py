@@ -27,12 +27,12 @@ MAY_DIFFER_ON_RESUME = {
 ADAPTED_ON_RESUME = {"world_size", "distributed_type", "gradient_accumulation_steps"}
 
 
-def apply_defaults(args, preset: Preset) -> None:
-    """Fill every recipe flag left at None from the preset, in place."""
+def apply_defaults(args, preset: Preset, method) -> None:
+    """Fill every recipe flag left at None from the preset and the method (methods.py), in place."""
     if args.learning_rate is None:
-        args.learning_rate = preset.lora_learning_rate if args.lora else preset.learning_rate
+        args.learning_rate = method.default_learning_rate(preset)
     if args.lr_start_factor is None:
-        args.lr_start_factor = 1.0 if args.lora else preset.lr_start_factor
+        args.lr_start_factor = method.default_lr_start_factor(preset)
     if args.weight_decay is None:
         args.weight_decay = preset.weight_decay
 

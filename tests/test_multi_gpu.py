@@ -19,6 +19,7 @@ from train_helpers import assert_same_training, two_bucket_dataset, weights
 
 from benchmarks.common import MULTICAST_OFF
 from cosmos_t2i import checkpoint as ckpt
+from cosmos_t2i.methods import read_transformer_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -80,7 +81,7 @@ def test_fsdp2_processes_start_from_the_main_process_weights(dataset, tiny_model
     # and must receive its shards. A step at learning rate 0 saves the weights unchanged.
     _launch(2, 1, dataset, tmp_path / "run", "--learning_rate", "0", "--max_iter", "1", "--no_ema", "--no_compile")
     saved = weights(ckpt.latest_checkpoint(tmp_path / "run"))
-    pretrained = ckpt.read_transformer_weights(tiny_model_dir / "transformer")
+    pretrained = read_transformer_weights(tiny_model_dir / "transformer")
     assert saved.keys() == pretrained.keys()
     for name, tensor in pretrained.items():
         assert torch.equal(saved[name], tensor.float()), name

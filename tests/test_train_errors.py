@@ -7,6 +7,7 @@ import pytest
 from train_helpers import make_dataset, pattern_image, train, weights
 
 import train_text2image
+from cosmos_t2i.methods import FullFineTune, LoraFineTune
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(train_text2image, "build_transformer", refuse)
+    for method in (FullFineTune, LoraFineTune):
+        monkeypatch.setattr(method, "build", refuse)
 
 
 COMMON = ["--report_to", "none", "--dataloader_num_workers", "0", "--mixed_precision", "no"]
@@ -84,7 +86,8 @@ def test_resume_with_other_flags_names_them(dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", out, "--max_iter", "2", "--save_iter", "2",
           *COMMON)
-    monkeypatch.setattr(train_text2image, "build_transformer", lambda *a, **k: pytest.fail("model loaded"))
+    for method in (FullFineTune, LoraFineTune):
+        monkeypatch.setattr(method, "build", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"Cannot resume .*iter_000000002.*learning_rate: 3\.05.*e-05 there, "
                                          r"0\.001 now.*seed: 0 there, 1 now"):
         train("--model", "tiny", "--dataset_dir", dataset, "--output_dir", out, "--max_iter", "2",

@@ -7,6 +7,7 @@ from train_helpers import make_dataset, pattern_image, train
 
 import train_text2image
 from cosmos_t2i.lora import WEIGHT_NAME
+from cosmos_t2i.methods import LoraFineTune
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +19,13 @@ def dataset(tiny_model_dir, tmp_path_factory):
 def test_saved_lora_loads_into_a_fresh_transformer(dataset, tiny_model_dir, tmp_path, monkeypatch):
     from diffusers import CosmosTransformer3DModel
 
-    built, build = [], train_text2image.build_transformer
+    built, build = [], LoraFineTune.build
 
     def keep(*args, **kwargs):  # the trained module itself, to compare against after the run
         built.append(build(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(train_text2image, "build_transformer", keep)
+    monkeypatch.setattr(LoraFineTune, "build", keep)
     # Rank and alpha other than the defaults (scale 2): the saved metadata must carry them.
     checkpoint = train("--model", "tiny", "--lora", "--rank", "4", "--lora_alpha", "8", "--dataset_dir", dataset,
                        "--output_dir", tmp_path / "run", "--max_iter", "5", "--save_iter", "5",

@@ -14,6 +14,7 @@ from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import hub
 from cosmos_t2i.ema import PowerEMA, gamma_from_sigma_rel
 from cosmos_t2i.models import PRESETS
+from cosmos_t2i.methods import TRANSFORMER_WEIGHTS, FullFineTune, LoraFineTune, read_transformer_weights
 from cosmos_t2i.recipe import apply_defaults, config_differences, linear_decay
 from cosmos_t2i.training_data import BucketBatchSampler, collate
 
@@ -53,7 +54,7 @@ def test_ema_tracks_only_trainable_parameters_in_fp32():
 def test_nvidia_recipe_defaults(model, peak):
     args = SimpleNamespace(learning_rate=None, lr_start_factor=None, weight_decay=None, lora=False, rank=None,
                            lora_alpha=None)
-    apply_defaults(args, PRESETS[model])
+    apply_defaults(args, PRESETS[model], FullFineTune())
     assert args.learning_rate * args.lr_start_factor == pytest.approx(peak, rel=3e-3)
     assert args.weight_decay == {"2B": 0.1, "14B": 0.2}[model]
     factor = linear_decay(1000, args.lr_start_factor)
@@ -61,7 +62,7 @@ def test_nvidia_recipe_defaults(model, peak):
     assert factor(1000) == 0
 
     lora = SimpleNamespace(**dict(vars(args), learning_rate=None, lr_start_factor=None, lora=True))
-    apply_defaults(lora, PRESETS[model])
+    apply_defaults(lora, PRESETS[model], LoraFineTune(16, 16))
     assert (lora.learning_rate, lora.lr_start_factor) == (1e-4, 1.0)
 
 
@@ -176,9 +177,9 @@ def test_transformer_weights_read_each_tensor_from_its_shard_file(tmp_path):
     from huggingface_hub import save_torch_state_dict
 
     tensors = {f"block_{i}.weight": torch.randn(64, 64) for i in range(4)}
-    save_torch_state_dict(tensors, tmp_path, filename_pattern=ckpt.TRANSFORMER_WEIGHTS, max_shard_size="40KB")
+    save_torch_state_dict(tensors, tmp_path, filename_pattern=TRANSFORMER_WEIGHTS, max_shard_size="40KB")
     assert len(list(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))) == 2  # two 16 KB tensors a file
-    read = ckpt.read_transformer_weights(tmp_path)
+    read = read_transformer_weights(tmp_path)
     assert sorted(read) == sorted(tensors) and len(read) == 4
     for name, tensor in tensors.items():
         assert torch.equal(read[name], tensor)
@@ -193,7 +194,7 @@ def test_model_card_and_upload_folder(tmp_path):
     (model_dir / "ema" / "pytorch_lora_weights.safetensors").write_bytes(b"e")
     image = tmp_path / "iter_000000100_0.jpg"
     image.write_bytes(b"jpg")
-    card = hub.model_card(repo_id="me/robot-lora", base_model="nvidia/Cosmos-Predict2-2B-Text2Image", lora=True,
+    card = hub.model_card(repo_id="me/robot-lora", base_model="nvidia/Cosmos-Predict2-2B-Text2Image", method=LoraFineTune(16, 16),
                           instance_prompt="An image of sks teal robot.", recipe={"learning rate": "1e-4 peak"},
                           images=[("images/iter_000000100_0.jpg", "An image of sks teal robot.")])
     front = card.split("---")[1]
@@ -258,15 +259,13 @@ def test_accelerate_configs_launch_as_intended(name, expected):
 
 def test_a_model_whose_weights_arrive_later_is_built_without_reading_or_touching_them():
     """What FSDP's non-main processes build (fsdp2_8gpu.yaml): the whole 2B structure, in host memory not touched."""
-    from cosmos_t2i.trainable import build_transformer
 
     def resident_gib():
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
     before = resident_gib()
-    transformer = build_transformer("no/such-model", PRESETS["2B"].transformer_config, random_init=False, lora=False,
-                                    rank=None, alpha=None, frozen_dtype=torch.bfloat16, device="cpu",
-                                    weights_arrive_later=True)
+    transformer = FullFineTune().build("no/such-model", PRESETS["2B"].transformer_config, random_init=False,
+                                       device="cpu", weights_arrive_later=True)
     params = list(transformer.parameters())
     assert sum(p.numel() for p in params) > 1.9e9 and {(p.device.type, p.dtype) for p in params} == {
         ("cpu", torch.float32)}

@@ -19,6 +19,7 @@ from record_batches import recording
 from train_helpers import assert_same_training, train, two_bucket_dataset, weights
 
 import train_text2image
+from cosmos_t2i.methods import FullFineTune, LoraFineTune
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.recipe import config_differences, distribution_change_refused, linear_decay
 from cosmos_t2i.training_data import BucketBatchSampler, resumed_position
@@ -157,7 +158,8 @@ def test_resume_into_another_optimizer_layout_is_refused_before_loading(dataset,
     run = train(*_flags(dataset, tmp_path / "run", 1, "--max_iter", 1, "--save_iter", 1))
     config = ckpt.read_config(run)
     (run / "trainer" / "config.json").write_text(json.dumps(dict(config, distributed_type="DistributedType.FSDP")))
-    monkeypatch.setattr(train_text2image, "build_transformer", lambda *a, **k: pytest.fail("model loaded"))
+    for method in (FullFineTune, LoraFineTune):
+        monkeypatch.setattr(method, "build", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"Cannot resume .*iter_000000001: distributed_type: DistributedType\.FSDP "
                                          r"there, DistributedType\.NO now\. .*sharded by FSDP"):
         train(*_flags(dataset, tmp_path / "run", 1, "--max_iter", 1, "--save_iter", 1))

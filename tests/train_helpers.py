@@ -52,7 +52,7 @@ def train(*argv: str):
 
 
 def weights(checkpoint: Path, ema: bool = False) -> dict[str, torch.Tensor]:
-    from cosmos_t2i.checkpoint import read_transformer_weights
+    from cosmos_t2i.methods import read_transformer_weights
 
     return read_transformer_weights(Path(checkpoint) / "model" / ("ema" if ema else ""))
 
