@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from cosmos_t2i.atomic import atomic_output
-from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
-from cosmos_t2i.lora import apply_loras, expand_scales, read_lora, to_comfyui
+from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, loras_to_apply, resolve_checkpoint, resolve_lora
+from cosmos_t2i.lora import expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
-from cosmos_t2i.models import DTYPES, Model, load_base_transformer, resolve_model
-from cosmos_t2i.pipeline import load_transformer
+from cosmos_t2i.models import DTYPES, Model, resolve_model
+from cosmos_t2i.pipeline import fine_tuned_transformer
 
 
 
@@ -57,19 +57,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _base_model(args, checkpoint: Checkpoint | None) -> Model:
-    name = args.model or (checkpoint.trained_from if checkpoint else None)
+def _base_model(args, checkpoints: list[Checkpoint]) -> Model:
+    """--model, else the model the first of our runs among `checkpoints` was trained from."""
+    name = args.model or next((c.trained_from for c in checkpoints if c.trained_from), None)
     if name is None:
         raise ValueError("Pass --model: the checkpoint does not record the model it was trained from.")
     return resolve_model(name)
-
-
-def _fused_transformer(model: Model, transformer, loras: list[Checkpoint], scales: list[float]):
-    """`transformer` (float32; --model's own when None) with the LoRAs fused into its weights."""
-    transformer = transformer if transformer is not None else load_base_transformer(model, torch.float32)
-    if loras:
-        apply_loras(transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=True)
-    return transformer
 
 
 def export_nvidia(args) -> None:
@@ -87,10 +80,11 @@ def export_nvidia(args) -> None:
         def weights(c):
             return CosmosTransformer3DModel.from_pretrained(c.path, dtype=dtype).state_dict()
     else:
-        model = _base_model(args, checkpoint)
+        model = _base_model(args, [checkpoint])
 
         def weights(c):
-            return {k: v.to(dtype) for k, v in _fused_transformer(model, None, [c], [1.0]).state_dict().items()}
+            fused = fine_tuned_transformer(model, None, [c], [1.0], torch.float32, fuse=True)
+            return {k: v.to(dtype) for k, v in fused.state_dict().items()}
     with atomic_output(args.output) as tmp:
         save_nvidia_checkpoint(tmp, weights(checkpoint), weights(ema) if ema else None)
     print(f"wrote {args.output} (net.*{' and net_ema.*' if ema else ''}, {args.dtype})")
@@ -114,11 +108,12 @@ def export_diffusers(args) -> None:
     if output.exists():
         raise FileExistsError(f"{output} exists; choose a new --output folder.")
     checkpoint = resolve_checkpoint(args.checkpoint, args.load_ema) if args.checkpoint else None
-    model = _base_model(args, checkpoint)
-    loras = ([checkpoint] if checkpoint and checkpoint.kind == "lora" else []) + [resolve_lora(s) for s in args.lora]
+    loras = loras_to_apply(checkpoint, args.lora)
+    model = _base_model(args, ([checkpoint] if checkpoint else []) + loras)
     scales = expand_scales(args.lora_scale, len(loras))
-    transformer = load_transformer(model, checkpoint, torch.float32, args.nvidia_lora_alpha, args.trust_checkpoint)
-    transformer = _fused_transformer(model, transformer, loras, scales)
+    transformer = fine_tuned_transformer(model, checkpoint, loras, scales, torch.float32, fuse=True,
+                                         nvidia_lora_alpha=args.nvidia_lora_alpha,
+                                         trust_checkpoint=args.trust_checkpoint)
     with atomic_output(output) as tmp:
         transformer.to(DTYPES[args.dtype]).save_pretrained(tmp)
     print(f"wrote {output} (diffusers CosmosTransformer3DModel, {args.dtype})")

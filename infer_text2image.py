@@ -29,9 +29,9 @@ import torch
 
 from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.cuda_graphs import GraphedTransformer
-from cosmos_t2i.checkpoint_paths import resolve_checkpoint, resolve_lora
-from cosmos_t2i.lora import apply_loras, expand_scales, read_lora
-from cosmos_t2i.pipeline import NoGuardrail, load_pipeline, load_transformer
+from cosmos_t2i.checkpoint_paths import loras_to_apply, resolve_checkpoint
+from cosmos_t2i.lora import expand_scales
+from cosmos_t2i.pipeline import NoGuardrail, fine_tuned_transformer, load_pipeline
 from cosmos_t2i import fp8, speed
 from cosmos_t2i.models import ASPECT_RATIOS, DTYPES, resolve_model
 from cosmos_t2i.sampling import SAMPLERS, generate, uses_unconditional_pass
@@ -232,19 +232,18 @@ def main(args):
     dit = resolve_checkpoint(args.dit_path, args.load_ema) if args.dit_path else None
     model = resolve_model(args.model or (dit.trained_from if dit else None) or DEFAULT_MODEL)
     requests = read_requests(args, model.resolutions)
-    loras = ([dit] if dit and dit.kind == "lora" else []) + [resolve_lora(source) for source in args.lora]
+    loras = loras_to_apply(dit, args.lora)
     scales = expand_scales(args.lora_scale, len(loras))
 
     state = PartialState()
     dtype = DTYPES[args.dtype]
     if args.fp8:  # before any model is loaded
         fp8.require_fp8_matmuls(state.device, dtype)
-    transformer = load_transformer(model, dit, dtype, args.nvidia_lora_alpha, args.trust_checkpoint)
+    fuse_lora = args.fuse_lora or args.fp8  # an unfused adapter layer would stay out of fp8
+    transformer = fine_tuned_transformer(model, dit, loras, scales, dtype, state.device, fuse_lora,
+                                         args.nvidia_lora_alpha, args.trust_checkpoint)
     pipe = load_pipeline(model, state.device, dtype, transformer=transformer, disable_guardrail=args.disable_guardrail,
                          offload_guardrail=args.offload_guardrail, stock_vae=args.stock_vae)
-    fuse_lora = args.fuse_lora or args.fp8  # an unfused adapter layer would stay out of fp8
-    if loras:
-        apply_loras(pipe.transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=fuse_lora)
     # The per-step bar is useful for one image; for a list, one bar over the images says more.
     pipe.set_progress_bar_config(disable=len(requests) > 1)
     on_gpu = state.device.type == "cuda"

@@ -294,13 +294,15 @@ def main(args):
             state={"data_position": position}, config=config, total_limit=args.checkpoints_total_limit,
         )
 
+    validation_images = {}  # iteration -> the images written at it, in prompt order
+
     def validate(iteration):
         # Sharded weights need every process in the forward pass; replicated ones only the main process.
         if accelerator.is_main_process or _sharded(accelerator):
             with accelerator.autocast():
                 images = validator.images(accelerator.unwrap_model(transformer), device, weight_dtype, text_dtype)
             if accelerator.is_main_process:
-                validator.save(images, iteration, accelerator.trackers)
+                validation_images[iteration] = validator.save(images, iteration, accelerator.trackers)
         accelerator.wait_for_everyone()
 
     accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))
@@ -373,7 +375,8 @@ def main(args):
     _report_speed(step_seconds, samples_per_step, device)
 
     if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
-        _push(args, config, preset, method, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration))
+        _push(args, config, preset, method, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration),
+              zip(validation_images.get(iteration, []), args.validation_prompt or []))
     accelerator.end_training()
     return ckpt.latest_checkpoint(output_dir)
 
@@ -493,13 +496,9 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def _push(args, config: dict, preset, method, data, checkpoint: Path) -> None:
-    """Upload the final model/ with a model card and the final validation images."""
-    # Named as Validator.save names them: prompt k's image is <iter>_<k>.jpg (a sorted glob would put _10 before _2).
-    validation_dir = Path(args.output_dir) / "validation"
-    pairs = [(validation_dir / f"{checkpoint.name}_{k}.jpg", prompt)
-             for k, prompt in enumerate(args.validation_prompt or [])]
-    pairs = [(path, prompt) for path, prompt in pairs if path.is_file()]
+def _push(args, config: dict, preset, method, data, checkpoint: Path, validation) -> None:
+    """Upload the final model/ with a model card and the final validation images ((path, prompt) pairs)."""
+    pairs = list(validation)
     card_images = [(f"images/{path.name}", prompt) for path, prompt in pairs]
     card = hub.model_card(
         repo_id=args.hub_model_id, base_model=preset.hub_id if preset and preset.hub_id else args.model,

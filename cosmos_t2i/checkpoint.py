@@ -1,4 +1,4 @@
-"""Training checkpoints in NVIDIA's layout (DESIGN section 5), written atomically, resumed exactly (or, on
+"""Training checkpoints in NVIDIA's layout (README "Checkpoints"), written atomically, resumed exactly (or, on
 another number of processes, from the same global batch).
 
     OUTPUT_DIR/checkpoints/iter_000000500/

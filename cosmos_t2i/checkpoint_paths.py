@@ -9,7 +9,6 @@ own `iter_N.pt` / `model.pt`. `--load_ema` picks `model/ema/` (ours) or the `net
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -53,20 +52,19 @@ def resolve_checkpoint(source: str, load_ema: bool = False) -> Checkpoint:
 
     path = _follow_latest(path)
     run_config = None
-    if (path / "model").is_dir():  # an iteration folder
-        config_file = path / "trainer" / "config.json"
-        run_config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        path = path / "model"
-    elif (path.parent / "trainer" / "config.json").is_file():  # its model/ folder
-        run_config = json.loads((path.parent / "trainer" / "config.json").read_text())
+    if (path / ckpt.MODEL).is_dir():  # an iteration folder
+        run_config = ckpt.read_config(path) if (path / ckpt.TRAINER / ckpt.CONFIG).is_file() else None
+        path = path / ckpt.MODEL
+    elif (path.parent / ckpt.TRAINER / ckpt.CONFIG).is_file():  # its model/ folder
+        run_config = ckpt.read_config(path.parent)
     if any(path.glob("*.distcp")):
         raise ValueError(f"{source} is a distributed (DCP) checkpoint: convert it to a single .pt first (NVIDIA's "
                          "scripts/convert_distcp.py).")
     if load_ema:
-        if not (path / "ema").is_dir():
-            raise NoEMAError(f"--load_ema: {source} has no EMA weights ({path / 'ema'} does not exist); the run was "
-                             "trained without EMA. Drop --load_ema.")
-        path = path / "ema"
+        if not (path / ckpt.EMA).is_dir():
+            raise NoEMAError(f"--load_ema: {source} has no EMA weights ({path / ckpt.EMA} does not exist); the run "
+                             "was trained without EMA. Drop --load_ema.")
+        path = path / ckpt.EMA
     if (path / LORA_WEIGHT_NAME).is_file():
         return Checkpoint("lora", path / LORA_WEIGHT_NAME, load_ema, source, run_config)
     if (path / "config.json").is_file():
@@ -82,6 +80,11 @@ def _follow_latest(path: Path) -> Path:
     """OUTPUT_DIR or OUTPUT_DIR/checkpoints -> the iteration folder that latest_checkpoint.txt names."""
     output_dir = path.parent if path.name == ckpt.CHECKPOINTS else path
     return ckpt.latest_checkpoint(output_dir) or path
+
+
+def loras_to_apply(dit: Checkpoint | None, lora_sources: list[str]) -> list[Checkpoint]:
+    """The LoRAs of a command line: a LoRA given as --dit_path first, then every --lora."""
+    return ([dit] if dit is not None and dit.kind == "lora" else []) + [resolve_lora(s) for s in lora_sources]
 
 
 def resolve_lora(source: str, load_ema: bool = False) -> Checkpoint:

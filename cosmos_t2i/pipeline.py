@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .checkpoint_paths import Checkpoint, NoEMAError
-from .models import DTYPES, Model, as_model, check_same_architecture
+from .lora import apply_loras, read_lora
+from .models import Model, as_model, check_same_architecture, load_base_transformer
 from .speed import single_frame_vae_convs
 
 
@@ -143,3 +144,18 @@ def load_transformer(
                          f"(e.g. {wrong[:3]}).")
     transformer.load_state_dict(state_dict, strict=True, assign=True)
     return transformer.to(dtype)
+
+
+def fine_tuned_transformer(model: Model | str, checkpoint: Checkpoint | None, loras: list[Checkpoint],
+                           scales: list[float], dtype: torch.dtype = torch.bfloat16, device="cpu", fuse: bool = False,
+                           nvidia_lora_alpha: float | None = None, trust_checkpoint: bool = False):
+    """`--model`'s transformer with `checkpoint`'s weights (--dit_path; the model's own without one), on `device`,
+    with `loras` applied at `scales` (folded into the weights when `fuse`): what sampling and the merged export use."""
+    model = as_model(model)
+    transformer = load_transformer(model, checkpoint, dtype, nvidia_lora_alpha, trust_checkpoint)
+    if transformer is None:
+        transformer = load_base_transformer(model, dtype)
+    transformer = transformer.to(device)
+    if loras:
+        apply_loras(transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=fuse)
+    return transformer

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import iter_name
 from .models import Model, load_text_encoder
 from .text_encoding import encode_captions, pad_embedding
 
@@ -65,7 +66,7 @@ class Validator:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for k, image in enumerate(images):
-            paths.append(self.output_dir / f"iter_{iteration:09d}_{k}.jpg")
+            paths.append(self.output_dir / f"{iter_name(iteration)}_{k}.jpg")
             image.save(paths[-1])
         for tracker in trackers:
             if tracker.name == "tensorboard":

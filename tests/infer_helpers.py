@@ -1,6 +1,6 @@
 """What the inference and export tests share.
 
-Checkpoints in the trainer's layout (DESIGN section 5), built directly from the tiny model with chosen weights and
+Checkpoints in the trainer's layout (README "Checkpoints"), built directly from the tiny model with chosen weights and
 LoRA settings: OUTPUT_DIR/checkpoints/iter_N/{model,trainer}/ and latest_checkpoint.txt, only what inference reads
 (test_infer_from_trainer.py runs the real trainer too). And the reference: the same image straight from diffusers.
 """

@@ -1,4 +1,4 @@
-"""The objective against DESIGN section 4's formulas, written out independently here."""
+"""The objective against the formulas of cosmos_t2i/objective.py's docstring, written out independently here."""
 
 import math
 
