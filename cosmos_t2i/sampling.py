@@ -25,6 +25,9 @@ import torch
 from PIL import Image
 from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import retrieve_timesteps
 
+from .objective import preconditioning
+from .text_encoding import MAX_LENGTH
+
 SAMPLERS = ("diffusers", "nvidia")
 # NVIDIA's text2image sampler settings (cosmos-predict2 SolverTimestampConfig: t_min, t_max, order).
 NVIDIA_SIGMA_MIN, NVIDIA_SIGMA_MAX, NVIDIA_RHO = 0.002, 80.0, 7.0
@@ -53,9 +56,9 @@ def nvidia_noise(pipe, batch_size: int, height: int, width: int, seed: int) -> t
 
 
 class _GuidedX0:
-    """x0 predictions of the conditional and unconditional branches at one sigma, in float32, with the
-    preconditioning both samplers share: t = sigma / (1 + sigma), input x (1 - t) in the transformer's dtype,
-    timestep t, x0 = (1 - t) x - t F."""
+    """x0 predictions of the conditional and unconditional branches at one sigma, in float32, with training's
+    preconditioning (objective.py), which both samplers share: input c_in x in the transformer's dtype, timestep
+    t, x0 = c_skip x + c_out F."""
 
     def __init__(self, pipe, denoiser, prompt_embeds, negative_prompt_embeds, height, width, use_cfg, batched_cfg):
         self.denoiser = denoiser or call_transformer(pipe.transformer)
@@ -70,19 +73,21 @@ class _GuidedX0:
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor):
         """(cond, uncond) x0 for `latents` at `sigma` (a float32 scalar tensor); uncond is None without CFG."""
-        t = sigma / (sigma + 1)
-        model_input = (latents * (1 - t)).to(self.dtype)
+        c_in, c_skip, c_out, t = preconditioning(sigma)
+        model_input = (latents * c_in).to(self.dtype)
         timestep = t.expand(latents.shape[0]).to(self.dtype)
         if self.use_cfg and self.batched_cfg:
-            both = self._x0(latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), t, self.both_embeds)
+            both = self._x0(latents, model_input.repeat(2, 1, 1, 1, 1), timestep.repeat(2), c_skip, c_out,
+                            self.both_embeds)
             return both.chunk(2)
-        cond = self._x0(latents, model_input, timestep, t, self.prompt_embeds)
-        uncond = self._x0(latents, model_input, timestep, t, self.negative_prompt_embeds) if self.use_cfg else None
+        cond = self._x0(latents, model_input, timestep, c_skip, c_out, self.prompt_embeds)
+        uncond = self._x0(latents, model_input, timestep, c_skip, c_out, self.negative_prompt_embeds) \
+            if self.use_cfg else None
         return cond, uncond
 
-    def _x0(self, latents, model_input, timestep, t, embeds):
+    def _x0(self, latents, model_input, timestep, c_skip, c_out, embeds):
         out = self.denoiser(model_input, timestep, embeds, self.padding_mask)
-        return (1 - t) * latents.repeat(out.shape[0] // latents.shape[0], 1, 1, 1, 1) + (-t) * out.float()
+        return c_skip * latents.repeat(out.shape[0] // latents.shape[0], 1, 1, 1, 1) + c_out * out.float()
 
 
 @torch.no_grad()
@@ -256,7 +261,7 @@ def generate(
     zero = None
     if not negative_prompt:
         dim = pipe.transformer.config.text_embed_dim
-        zero = torch.zeros(1, 512, dim, device=device, dtype=pipe.text_encoder.dtype)
+        zero = torch.zeros(1, MAX_LENGTH, dim, device=device, dtype=pipe.text_encoder.dtype)
     prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
         prompt, negative_prompt=negative_prompt or None,
         do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler), negative_prompt_embeds=zero,
