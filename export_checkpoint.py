@@ -77,16 +77,19 @@ def export_nvidia(args) -> None:
     except NoEMAError:
         ema = None
     if checkpoint.kind == "full":
+        transformer_config = CosmosTransformer3DModel.load_config(checkpoint.path)
+
         def weights(c):
             return CosmosTransformer3DModel.from_pretrained(c.path, dtype=dtype).state_dict()
     else:
         model = _base_model(args, [checkpoint])
+        transformer_config = model.transformer_config
 
         def weights(c):
             fused = fine_tuned_transformer(model, None, [c], [1.0], torch.float32, fuse=True)
             return {k: v.to(dtype) for k, v in fused.state_dict().items()}
     with atomic_output(args.output) as tmp:
-        save_nvidia_checkpoint(tmp, weights(checkpoint), weights(ema) if ema else None)
+        save_nvidia_checkpoint(tmp, weights(checkpoint), weights(ema) if ema else None, transformer_config)
     print(f"wrote {args.output} (net.*{' and net_ema.*' if ema else ''}, {args.dtype})")
 
 

@@ -50,7 +50,7 @@ _TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
 _IN_BLOCK_INV = {v: k for k, v in _IN_BLOCK.items()}
 
 # State NVIDIA's model carries that diffusers recomputes or never had: RoPE tables, Transformer Engine's
-# `_extra_state`, training counters. Dropped on import; NVIDIA's loader rebuilds them (it loads with strict=False).
+# `_extra_state`, training counters. Dropped on import; export writes them back (nvidia_extra_state).
 _NVIDIA_ONLY = re.compile(r"^(pos_embedder\.|accum_|logvar\.)|_extra_state$")
 
 
@@ -137,12 +137,13 @@ def split_net_ema(state_dict: dict) -> tuple[dict, dict]:
     return net, ema
 
 
-def merge_peft_lora(state_dict: dict, alpha: float | None = None) -> dict:
+def merge_peft_lora(state_dict: dict, alpha: float | None = None, dtype: torch.dtype | None = None) -> dict:
     """Fold PEFT LoRA layers into plain weights: W = W_base + (alpha / r) B A, computed in float32.
 
     PEFT wraps each target as `X.base_layer.weight`, `X.lora_A.<adapter>.weight` [r, in], `X.lora_B.<adapter>.weight`
     [out, r]. The state dict does not store alpha; NVIDIA's LoRA configs all use alpha = rank (scale 1), the default
-    here.
+    here. A merged weight is rounded once, to `dtype` (default: its base weight's): asking for float32 keeps the
+    float32 sum rather than rounding it to a bf16 file's dtype first.
     """
     lora_keys = {k for k in state_dict if ".lora_A." in k or ".lora_B." in k}
     merged = {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if k not in lora_keys}
@@ -158,7 +159,7 @@ def merge_peft_lora(state_dict: dict, alpha: float | None = None) -> dict:
         rank = down.shape[0]
         scale = (rank if alpha is None else alpha) / rank
         base = merged[base_key]
-        merged[base_key] = (base.float() + scale * (up @ down)).to(base.dtype)
+        merged[base_key] = (base.float() + scale * (up @ down)).to(dtype or base.dtype)
     return merged
 
 
@@ -174,9 +175,68 @@ def nvidia_dims(state_dict: dict) -> dict:
     return dict(num_layers=len(blocks), num_attention_heads=hidden // head_dim, attention_head_dim=head_dim)
 
 
-def save_nvidia_checkpoint(path: str | Path, net: dict, ema: dict | None = None) -> None:
-    """Write diffusers-named weights as NVIDIA's flat `net.*` (+ `net_ema.*`) dict with torch.save."""
-    out = {NET + k: v.contiguous() for k, v in diffusers_to_nvidia(net).items()}
+# NVIDIA's DiT state beyond the weights, as its modules define it. Its trainer resumes with
+# `load_state_dict(strict=True)`, which refuses a file without these keys. Read off nvidia-cosmos/cosmos-predict2 at
+# 661da47 (Transformer Engine at v1.13, the version its pyproject pins):
+# - `accum_*`: the training counters `WeightTrainingStat` (MiniTrainDIT's base) registers as buffers, all zero at
+#   construction (cosmos_predict2/networks/model_weights_stats.py:43-51).
+# - `pos_embedder.{seq,dim_spatial_range,dim_temporal_range}`: VideoRopePosition3DEmb's persistent buffers
+#   (cosmos_predict2/models/text2image_dit.py:460-478, recomputed the same way in reset_parameters, :489-500).
+# - `_extra_state` of each `te.pytorch.RMSNorm`: q_norm and k_norm of both attentions (text2image_dit.py:290,293) and
+#   t_embedding_norm (:1292). TE 1.13 builds that RMSNorm on its fusible ops, whose extra state is `torch.Tensor()`
+#   when there is no FP8 state (transformer_engine/pytorch/ops/op.py:506-535).
+# - `attn_op._extra_state` of each attention that uses TE's DotProductAttention (text2image_dit.py:302), which is
+#   MiniTrainDIT's default backend. Only the 2B's config picks "minimal_a2a" (configs/base/config_text2image.py:213),
+#   a plain function with no state (module/a2a_cp.py:206-209). TE 1.13 pickles a BytesIO here, which
+#   torch.load(weights_only=True) refuses; None is what every TE version's set_extra_state takes as "no FP8 state"
+#   (module/base.py:623 at v1.13, still so in 2.x), and it keeps the file loadable without running pickled code.
+_TRAINING_COUNTERS = {
+    "accum_video_sample_counter": torch.int64,
+    "accum_image_sample_counter": torch.int64,
+    "accum_iteration": torch.int64,
+    "accum_train_in_hours": torch.float32,
+}
+_MINIMAL_A2A_DIMS = dict(num_layers=28, num_attention_heads=16, attention_head_dim=128)  # the 2B
+
+
+def rope_buffers(head_dim: int, max_size, patch_size) -> dict:
+    """VideoRopePosition3DEmb's buffers for diffusers' `max_size` (T, H, W) and `patch_size`, as NVIDIA computes them:
+    len_t/h/w = max_frames // patch_temporal, max_img_h // patch_spatial, ...; head_dim split h:w:t as 1/3:1/3:rest."""
+    lengths = [size // patch for size, patch in zip(max_size, patch_size)]
+    dim_h = head_dim // 6 * 2
+    dim_t = head_dim - 2 * dim_h
+    return {
+        "pos_embedder.seq": torch.arange(max(lengths), dtype=torch.float),
+        "pos_embedder.dim_spatial_range": torch.arange(0, dim_h, 2)[: dim_h // 2].float() / dim_h,
+        "pos_embedder.dim_temporal_range": torch.arange(0, dim_t, 2)[: dim_t // 2].float() / dim_t,
+    }
+
+
+def nvidia_extra_state(weights: dict, max_size, patch_size) -> dict:
+    """The non-weight entries NVIDIA's MiniTrainDIT carries (see above), for DiT `weights` in NVIDIA's names."""
+    dims = nvidia_dims(weights)
+    extra = {name: torch.tensor(0, dtype=dtype) for name, dtype in _TRAINING_COUNTERS.items()}
+    extra.update(rope_buffers(dims["attention_head_dim"], max_size, patch_size))
+    extra["t_embedding_norm._extra_state"] = torch.Tensor()
+    te_attention = dims != _MINIMAL_A2A_DIMS
+    for block in range(dims["num_layers"]):
+        for attention in ("self_attn", "cross_attn"):
+            prefix = f"blocks.{block}.{attention}"
+            extra[f"{prefix}.q_norm._extra_state"] = torch.Tensor()
+            extra[f"{prefix}.k_norm._extra_state"] = torch.Tensor()
+            if te_attention:
+                extra[f"{prefix}.attn_op._extra_state"] = None
+    return extra
+
+
+def save_nvidia_checkpoint(path: str | Path, net: dict, ema: dict | None, transformer_config: dict) -> None:
+    """Write diffusers-named weights as NVIDIA's flat `net.*` (+ `net_ema.*`) dict with torch.save, each with the
+    buffers and extra state NVIDIA's DiT has (`transformer_config`: the diffusers config, for the RoPE sizes)."""
+    def as_nvidia(weights: dict) -> dict:
+        renamed = {k: v.contiguous() for k, v in diffusers_to_nvidia(weights).items()}
+        return renamed | nvidia_extra_state(renamed, transformer_config["max_size"], transformer_config["patch_size"])
+
+    out = {NET + k: v for k, v in as_nvidia(net).items()}
     if ema:
-        out.update({NET_EMA + k: v.contiguous() for k, v in diffusers_to_nvidia(ema).items()})
+        out.update({NET_EMA + k: v for k, v in as_nvidia(ema).items()})
     torch.save(out, path)

@@ -129,7 +129,7 @@ def load_transformer(
     )
     if checkpoint.ema and not ema:
         raise NoEMAError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
-    weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha)
+    weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha, dtype=dtype)
     check_same_architecture(nvidia_format.nvidia_dims(weights), model)
     state_dict = nvidia_format.nvidia_to_diffusers(weights)
     with torch.device("meta"):

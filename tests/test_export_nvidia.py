@@ -14,7 +14,8 @@ import export_checkpoint
 from cosmos_t2i.checkpoint_paths import resolve_checkpoint
 from cosmos_t2i.models import check_same_architecture, resolve_model
 from cosmos_t2i.nvidia_format import (diffusers_to_nvidia, diffusers_to_nvidia_module, load_nvidia_checkpoint,
-                                      merge_peft_lora, nvidia_dims, nvidia_to_diffusers)
+                                      merge_peft_lora, nvidia_dims, nvidia_extra_state,
+                                      nvidia_to_diffusers)
 from cosmos_t2i.pipeline import load_transformer
 from cosmos_t2i.models import PRESETS
 
@@ -66,7 +67,7 @@ def test_round_trip_keeps_net_and_net_ema_apart(full_run, tmp_path):
     exported = export(full_run, tmp_path / "iter_000000500.pt", "--dtype", "float32")
     net = {k: v for k, v in exported.items() if k.startswith("net.")}
     ema = {k: v for k, v in exported.items() if k.startswith("net_ema.")}
-    assert len(net) == len(ema) == 47 and len(exported) == 94
+    assert len(net) == len(ema) == 47 + len(TINY_NON_WEIGHT_KEYS) and len(exported) == 2 * len(net)
     assert "net.blocks.0.self_attn.q_proj.weight" in net and "net_ema.blocks.1.mlp.layer2.weight" in ema
     regular, averaged = weights(full_run / "model"), weights(full_run / "model" / "ema")
     assert torch.equal(net["net.blocks.0.self_attn.q_proj.weight"], regular["transformer_blocks.0.attn1.to_q.weight"])
@@ -83,6 +84,57 @@ def test_round_trip_keeps_net_and_net_ema_apart(full_run, tmp_path):
     export(full_run, tmp_path / "bf16.pt")
     imported = load_transformer("tiny", resolve_checkpoint(str(tmp_path / "bf16.pt")), dtype=torch.float32)
     assert all(torch.equal(v, regular[k].bfloat16().float()) for k, v in imported.state_dict().items())
+
+
+# What NVIDIA's MiniTrainDIT holds besides weights, for the tiny config (2 blocks, head_dim 16, default attention
+# backend), listed by hand from cosmos-predict2's text2image_dit.py and model_weights_stats.py.
+TINY_NON_WEIGHT_KEYS = {
+    "accum_video_sample_counter", "accum_image_sample_counter", "accum_iteration", "accum_train_in_hours",
+    "pos_embedder.seq", "pos_embedder.dim_spatial_range", "pos_embedder.dim_temporal_range",
+    "t_embedding_norm._extra_state",
+    *(f"blocks.{b}.{attn}.{m}._extra_state" for b in (0, 1) for attn in ("self_attn", "cross_attn")
+      for m in ("q_norm", "k_norm", "attn_op")),
+}
+
+
+def test_export_carries_the_buffers_and_extra_state_nvidias_dit_has(full_run, tmp_path):
+    exported = export(full_run, tmp_path / "iter_000000500.pt")  # weights_only=True still loads it
+    weight_names = set(diffusers_to_nvidia(weights(full_run / "model")))
+    for prefix in ("net.", "net_ema."):
+        state = {k.removeprefix(prefix): v for k, v in exported.items() if k.startswith(prefix)}
+        assert state.keys() - weight_names == TINY_NON_WEIGHT_KEYS and weight_names <= state.keys()
+        for name in ("accum_video_sample_counter", "accum_image_sample_counter", "accum_iteration"):
+            assert state[name].dtype == torch.int64 and state[name].shape == () and state[name] == 0
+        assert state["accum_train_in_hours"].dtype == torch.float32 and state["accum_train_in_hours"] == 0
+        # VideoRopePosition3DEmb for max_size (4, 64, 64) / patch (1, 2, 2) and head_dim 16, by hand: seq runs to
+        # max(4, 32, 32); dim_h = 16 // 6 * 2 = 4 -> [0, 2] / 4; dim_t = 16 - 8 = 8 -> [0, 2, 4, 6] / 8.
+        assert torch.equal(state["pos_embedder.seq"], torch.arange(32.0))
+        assert torch.equal(state["pos_embedder.dim_spatial_range"], torch.tensor([0.0, 0.5]))
+        assert torch.equal(state["pos_embedder.dim_temporal_range"], torch.tensor([0.0, 0.25, 0.5, 0.75]))
+        # TE's RMSNorm (a fusible op) without FP8 state saves an empty tensor; DotProductAttention gets None, which
+        # TE's set_extra_state takes as "no FP8 state".
+        assert all(state[k].numel() == 0 for k in TINY_NON_WEIGHT_KEYS if "_norm._extra_state" in k)
+        assert all(state[k] is None for k in TINY_NON_WEIGHT_KEYS if k.endswith("attn_op._extra_state"))
+    # Our own import skips them again.
+    imported = load_transformer("tiny", resolve_checkpoint(str(tmp_path / "iter_000000500.pt")), torch.float32)
+    assert imported.state_dict().keys() == weights(full_run / "model").keys()
+
+
+def test_real_sizes_rope_and_attention_state():
+    for preset, te_attention in (("2B", False), ("14B", True)):
+        with torch.device("meta"):
+            nvidia = diffusers_to_nvidia(CosmosTransformer3DModel(**PRESETS[preset].transformer_config).state_dict())
+        extra = nvidia_extra_state(nvidia, max_size=(128, 240, 240), patch_size=(1, 2, 2))
+        # The 2B's config uses the "minimal_a2a" attention (a function, no state); the 14B TE's DotProductAttention.
+        assert ("blocks.0.self_attn.attn_op._extra_state" in extra) is te_attention
+        assert sum(k.endswith("attn_op._extra_state") for k in extra) == (2 * nvidia_dims(nvidia)["num_layers"]
+                                                                          if te_attention else 0)
+        # head_dim 128: dim_h = 42 -> 21 frequencies (0, 2, ..) / 42; dim_t = 44 -> 22 of (0, 2, ..) / 44.
+        assert torch.equal(extra["pos_embedder.seq"], torch.arange(128.0))
+        assert extra["pos_embedder.dim_spatial_range"].shape == (21,)
+        assert extra["pos_embedder.dim_spatial_range"][20].item() == pytest.approx(40 / 42)
+        assert extra["pos_embedder.dim_temporal_range"].shape == (22,)
+        assert extra["pos_embedder.dim_temporal_range"][21].item() == pytest.approx(42 / 44)
 
 
 def test_lora_checkpoint_exports_merged(tiny_model_dir, tmp_path):
@@ -128,6 +180,18 @@ def test_nvidia_peft_lora_keys_merge_as_w_plus_alpha_over_r_b_a(tiny_model_dir, 
                   encoder_hidden_states=torch.randn(1, 512, 32), padding_mask=torch.zeros(1, 1, 48, 96))
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).sample, peft_model(**inputs).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_nvidia_lora_merge_keeps_float32_of_a_bf16_file(tiny_model_dir, tmp_path):
+    nvidia = {to_nvidia_peft_name(k): v.bfloat16() for k, v in lora_transformer(rank=4, alpha=4.0).state_dict().items()}
+    torch.save({"net." + k: v for k, v in nvidia.items()}, tmp_path / "bf16_lora.pt")
+    transformer = load_transformer("tiny", resolve_checkpoint(str(tmp_path / "bf16_lora.pt")), torch.float32)
+    q = "blocks.0.self_attn.q_proj"
+    w, a, b = (nvidia[f"{q}.{n}.weight"].float() for n in ("base_layer", "lora_A.default", "lora_B.default"))
+    merged = transformer.transformer_blocks[0].attn1.to_q.weight
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, w + b @ a, rtol=0, atol=1e-6)  # the float32 sum, not rounded to bf16
+    assert not torch.equal(merged, (w + b @ a).bfloat16().float())
 
 
 def test_weights_only_refusal_is_explained_and_trust_loads(tmp_path):
