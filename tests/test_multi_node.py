@@ -30,7 +30,9 @@ from cosmos_t2i.recipe import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
-TIMEOUT = 5  # --distributed_timeout of the failure tests, seconds
+# --distributed_timeout of the failure tests, seconds. It also bounds how far apart the two processes may reach
+# the process group's set-up (gloo connects within it), so it leaves room for a busy machine.
+TIMEOUT = 15
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +188,8 @@ def test_torchrun_restarts_resume_from_latest_and_finish_the_same_run(dataset, t
     --resume_from_checkpoint latest). The run ends where an uninterrupted one does."""
     steps = 30
     reference = train(*_flags(dataset, tmp_path / "reference", steps, 2))
-    flags = _flags(dataset, tmp_path / "run", steps, 1, "--distributed_timeout", TIMEOUT)
+    # Restarted processes meet again within the timeout: each starts in its own time (the default is 600 s).
+    flags = _flags(dataset, tmp_path / "run", steps, 1, "--distributed_timeout", 120)
     with Nodes(_torchrun("--max_restarts", "1"), flags, tmp_path) as nodes:
         _wait_for_first_checkpoint(tmp_path / "run", nodes)
         trainers = nodes.processes(1)[1:]
