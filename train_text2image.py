@@ -18,14 +18,15 @@ import logging
 import math
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, ProjectConfiguration,
-                               broadcast_object_list)
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                               ProjectConfiguration, broadcast_object_list)
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
@@ -124,6 +125,13 @@ def parse_args(argv=None):
     out.add_argument("--push_to_hub", action="store_true", help="Upload the final model/ with a model card.")
     out.add_argument("--hub_model_id", default=None)
 
+    cluster = parser.add_argument_group("several processes or machines")
+    cluster.add_argument("--distributed_timeout", type=float, default=600, metavar="SECONDS", help="How long a "
+                         "process waits in a collective (all-reduce, barrier) for the others before it stops with an "
+                         "error, e.g. when another node died or hangs. Default: 600 (torch's own: 1800). Raise it if "
+                         "one process can take longer than this alone, e.g. the main process writing a large "
+                         "checkpoint's model/ while the others wait.")
+
     args = parser.parse_args(argv)
     if not args.lora and (args.rank is not None or args.lora_alpha is not None):
         raise ValueError("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full fine-tune.")
@@ -149,6 +157,8 @@ def parse_args(argv=None):
     if args.activation_memory_budget < 1.0 and not args.compile:
         raise ValueError("--activation_memory_budget is applied by torch.compile: drop --no_compile, or use "
                          "--gradient_checkpointing to save memory in eager mode.")
+    if args.distributed_timeout <= 0:
+        raise ValueError(f"--distributed_timeout {args.distributed_timeout}: expected seconds > 0 (default 600).")
     if args.output_dir is None:
         kind = "lora" if args.lora else "full"
         args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{kind}"
@@ -183,7 +193,9 @@ def main(args):
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # DDP: gradients live in its all-reduce buckets instead of being copied there (one fp32 model less memory).
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+                         # A dead or hung peer stops the others after this long, not after torch's 30 minutes.
+                         InitProcessGroupKwargs(timeout=timedelta(seconds=args.distributed_timeout))],
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )

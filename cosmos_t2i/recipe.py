@@ -19,7 +19,7 @@ MAY_DIFFER_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "save_iter", "checkpoints_total_limit", "report_to",
     "validation_prompt", "validation_steps", "validation_num_inference_steps", "validation_guidance_scale",
     "validation_aspect_ratio", "push_to_hub", "hub_model_id", "dataloader_num_workers", "max_nonfinite_steps",
-    "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name",
+    "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name", "distributed_timeout",
 }
 # How the run is spread over processes may change too (preemptible clusters give back another GPU count): the
 # trainer converts the data position to the same global batch and reports a changed effective batch. What the
