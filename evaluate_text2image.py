@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cosmos_t2i import evaluation as ev
 from cosmos_t2i.checkpoint_paths import NoEMAError
-from cosmos_t2i.fidelity import CLIP_MODEL, DINO_MODEL, TINY, MetricModels
+from cosmos_t2i.fidelity import CLIP_MODEL, DINO_MODEL, TINY, MetricModels, default_metric_models
 from cosmos_t2i.pipeline import DTYPES
 from cosmos_t2i.presets import ASPECT_RATIOS, preset_for
 from cosmos_t2i.sampling import SAMPLERS, uses_unconditional_pass
@@ -109,9 +109,7 @@ def parse_args(argv=None):
     args.model = args.model or run_config.get("model")
     if args.model is None:
         parser.error("--model is needed: no candidate comes from a run that names its model (e.g. --model 2B)")
-    tiny = args.model == TINY or getattr(preset_for(args.model), "name", None) == TINY
-    args.dino_model = args.dino_model or (TINY if tiny else DINO_MODEL)
-    args.clip_model = args.clip_model or (TINY if tiny else CLIP_MODEL)
+    args.dino_model, args.clip_model = default_metric_models(args.model, args.dino_model, args.clip_model)
     args.reference_dir = args.reference_dir or run_config.get("dataset_dir")
     if args.reference_dir is None:
         parser.error("--reference_dir is needed: no candidate comes from a run whose dataset could be used")

@@ -51,7 +51,7 @@ def pick(rows: list[dict], max_drift: float) -> dict | None:
 def contact_sheet(images: list[list], row_labels: list[str], column_labels: list[str], thumbnail: int):
     """A grid: one row per prompt (its text on the left), one column per seed, each image fitted in
     `thumbnail` x `thumbnail` pixels."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
     label_width, header = 320, 20
     width = label_width + thumbnail * len(column_labels)
@@ -63,8 +63,7 @@ def contact_sheet(images: list[list], row_labels: list[str], column_labels: list
         top = header + r * thumbnail
         draw.multiline_text((4, top + 4), _wrap(text, 48), fill="black")
         for c, image in enumerate(row):
-            small = image.copy()
-            small.thumbnail((thumbnail, thumbnail))
+            small = ImageOps.contain(image, (thumbnail, thumbnail))  # scaled up or down to fit
             sheet.paste(small, (label_width + c * thumbnail + (thumbnail - small.width) // 2,
                                 top + (thumbnail - small.height) // 2))
     return sheet
@@ -100,6 +99,7 @@ def plot_metric(rows: list[dict], metric: str, path: Path) -> Path:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     base = next(r for r in rows if r["is_base"])
     series: dict[str, list[tuple[int, float]]] = {}
@@ -112,6 +112,7 @@ def plot_metric(rows: list[dict], metric: str, path: Path) -> Path:
             points = [(0, base[metric])] + points
         xs, ys = zip(*sorted(points))
         axes.plot(xs, ys, marker="o", label=label)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("iteration")
     axes.set_ylabel(LABELS[metric])
     axes.set_title(f"{LABELS[metric]} against the iteration")

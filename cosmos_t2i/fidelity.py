@@ -63,6 +63,15 @@ def resolve_metric_model(model_id: str, kind: str) -> str:
     return str(path)
 
 
+def default_metric_models(model: str, dino_model: str | None = None, clip_model: str | None = None) -> tuple[str, str]:
+    """(DINO, CLIP) ids for evaluating `--model`: the ones given, else the tiny ones for the tiny model (random
+    weights, nothing to download) and DreamBooth's for any other."""
+    from .presets import preset_for
+
+    tiny = getattr(preset_for(model), "name", None) == TINY
+    return dino_model or (TINY if tiny else DINO_MODEL), clip_model or (TINY if tiny else CLIP_MODEL)
+
+
 def _save_aside(path: Path, build) -> None:
     """Build into a temporary sibling and rename into place (another process may have finished first)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -164,3 +164,32 @@ def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys):
             evaluate_text2image.parse_args(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err.splitlines()[-1], argv
+
+
+def test_validation_metrics_are_logged_beside_the_validation_images(run, tmp_path, models):
+    """--validation_metrics: at each validation, DINO / CLIP-I against the training images and CLIP-T with the
+    prompts, in TensorBoard at the validation's step, the numbers of those very images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    prompts = [f"An image of {SUBJECT}.", "a cat"]
+    train("--model", "tiny", "--lora", "--dataset_dir", run / "data", "--output_dir", tmp_path / "run",
+          "--max_iter", "2", "--save_iter", "0", "--validation_prompt", prompts[0], "--validation_prompt", prompts[1],
+          "--validation_steps", "1", "--validation_num_inference_steps", "2", "--validation_metrics",
+          "--dataloader_num_workers", "0", "--mixed_precision", "no")
+    events = EventAccumulator(str(tmp_path / "run" / "logs" / "cosmos-predict2-text2image"))
+    events.Reload()
+    references = [Image.open(p).convert("RGB") for p in sorted((run / "data").glob("*.png"))]
+    for iteration in (1, 2):
+        images = [Image.open(tmp_path / "run" / "validation" / f"iter_{iteration:09d}_{k}.jpg") for k in range(2)]
+        expected = fidelity.subject_metrics(models, images, prompts, models.embed(references))
+        for name in ("dino", "clip_i", "clip_t"):
+            logged = {e.step: e.value for e in events.Scalars(f"validation/{name}")}
+            # The logged numbers are of the images before JPEG compression.
+            assert logged[iteration] == pytest.approx(expected[name], abs=0.02), (name, iteration)
+
+
+def test_validation_metrics_need_training_images(tmp_path):
+    import train_text2image
+
+    with pytest.raises(ValueError, match="--validation_metrics.*--validation_prompt"):
+        train_text2image.parse_args(["--dataset_dir", str(tmp_path), "--validation_metrics"])
