@@ -57,8 +57,8 @@ def parse_args(argv=None):
     data.add_argument("--reference_dir", default=None,
                       help="The subject's real images: an imagefolder or a folder of images. Default: the run's "
                            "training dataset (its --dataset_dir).")
-    data.add_argument("--num_reference_images", type=int, default=None,
-                      help="Use the first N reference images (default: all).")
+    data.add_argument("--num_reference_images", type=int, default=64,
+                      help="At most this many reference images, spread evenly over the set (0: all).")
     data.add_argument("--subject", default=None,
                       help="The subject phrase the prompts are built around, e.g. 'sks teal robot'.")
     data.add_argument("--prompts_file", default=None,
@@ -115,7 +115,7 @@ def parse_args(argv=None):
         parser.error("--reference_dir is needed: no candidate comes from a run whose dataset could be used")
     try:
         args.prompts = ev.read_prompts(args.prompts_file, args.subject) if args.prompts_file else None
-        args.references = ev.load_reference_images(args.reference_dir, args.num_reference_images)
+        args.references = ev.load_reference_images(args.reference_dir, args.num_reference_images or None)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     if args.prompts is None:

@@ -124,8 +124,8 @@ def parse_args(argv=None):
     out.add_argument("--validation_guidance_scale", type=float, default=4.0)
     out.add_argument("--validation_aspect_ratio", default="16:9", choices=sorted(ASPECT_RATIOS))
     out.add_argument("--validation_metrics", action="store_true",
-                     help="At each validation, log CLIP-T (each image with its prompt) and DINO / CLIP-I against the "
-                          "first training images beside the images (cosmos_t2i/fidelity.py; DreamBooth's metrics).")
+                     help="At each validation, log CLIP-T (each image with its prompt) and DINO / CLIP-I against 8 "
+                          "training images beside the images (DreamBooth's metrics, cosmos_t2i/fidelity.py).")
     out.add_argument("--validation_dino_model", default=None,
                      help="ViT for --validation_metrics (default facebook/dino-vits16; tiny with --model tiny).")
     out.add_argument("--validation_clip_model", default=None,

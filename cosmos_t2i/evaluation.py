@@ -222,9 +222,17 @@ def run_config_of(candidates: list[Candidate]) -> dict:
 # Reference images
 
 
+def spread(count: int, limit: int | None) -> list[int]:
+    """`limit` indices spread evenly over range(count) (all with None): frames of one video sit side by side in a
+    dataset, and the first few would show one moment of it."""
+    if limit is None or limit >= count:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(limit - 1, 1)) for i in range(limit)})
+
+
 def load_reference_images(folder: str | Path, limit: int | None = None) -> list:
     """The subject's real images: an imagefolder (training's dataset: its metadata lists them) or any folder of
-    images, sorted by name; the first `limit` of them (all with None)."""
+    images sorted by name; at most `limit` of them, spread over the set (all with None)."""
     import tempfile
 
     from PIL import Image
@@ -238,11 +246,10 @@ def load_reference_images(folder: str | Path, limit: int | None = None) -> list:
     if (folder / METADATA_FILE).is_file():
         with tempfile.TemporaryDirectory(prefix="cosmos-t2i-references-") as cache:
             dataset = load_imagefolder(folder, cache)
-            count = len(dataset) if limit is None else min(limit, len(dataset))
-            images = [dataset[i]["image"].convert("RGB") for i in range(count)]
+            images = [dataset[i]["image"].convert("RGB") for i in spread(len(dataset), limit)]
     else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
-        images = [Image.open(p).convert("RGB") for p in files]
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = [Image.open(files[i]).convert("RGB") for i in spread(len(files), limit)]
     if not images:
         raise FileNotFoundError(f"Reference folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return images

@@ -15,7 +15,7 @@ import torch
 from .embedding import load_text_encoder
 from .text_encoding import encode_captions, pad_embedding
 
-METRIC_REFERENCE_IMAGES = 8  # training images the validation images are compared with (--validation_metrics)
+METRIC_REFERENCE_IMAGES = 8  # training images (spread over the set) the validation images are compared with
 
 
 def encode_prompts(model_path: str, prompts: list[str], device, dtype) -> torch.Tensor:
@@ -92,9 +92,10 @@ class ValidationMetrics:
 
     def __init__(self, dataset_dir, dino_model: str, clip_model: str, num_references: int = METRIC_REFERENCE_IMAGES):
         from .dataset_format import IMAGE_COLUMN, load_embedded_dataset
+        from .evaluation import spread
 
         dataset = load_embedded_dataset(dataset_dir)
-        self.references = [dataset[i][IMAGE_COLUMN].convert("RGB") for i in range(min(num_references, len(dataset)))]
+        self.references = [dataset[i][IMAGE_COLUMN].convert("RGB") for i in spread(len(dataset), num_references)]
         self.dino_model, self.clip_model = dino_model, clip_model
         self.models = None
         self.reference = None
