@@ -193,3 +193,17 @@ def test_validation_metrics_need_training_images(tmp_path):
 
     with pytest.raises(ValueError, match="--validation_metrics.*--validation_prompt"):
         train_text2image.parse_args(["--dataset_dir", str(tmp_path), "--validation_metrics"])
+
+
+def test_a_lora_at_several_scales(run, tmp_path):
+    """Each --lora is a candidate at each --lora_scale: scale 0 is the base model exactly, scale 1 is not."""
+    from infer_helpers import make_lora_checkpoint
+
+    lora = make_lora_checkpoint(tmp_path / "lora_run", ema=False)
+    rows = evaluate(run, tmp_path / "eval", "--ema", "no", "--model", "tiny", "--lora", str(lora),
+                    "--lora_scale", "0", "1", "--num_images_per_prompt", "1")
+    assert [r["candidate"] for r in rows][-2:] == ["iter_000000500_x0", "iter_000000500_x1"]
+    base, zero, one = rows[0], rows[-2], rows[-1]
+    assert zero["lora_scale"] == 0 and one["lora_scale"] == 1 and zero["iteration"] == 500
+    assert zero["drift"] == pytest.approx(0.0, abs=1e-6) and zero["dino"] == pytest.approx(base["dino"])
+    assert one["drift"] > 1e-7
