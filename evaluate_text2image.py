@@ -32,8 +32,12 @@ from cosmos_t2i.sampling import SAMPLERS, uses_unconditional_pass
 DEFAULT_MAX_DRIFT = 0.3
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     what = parser.add_argument_group("what to compare (the base model is always one of them)")
     what.add_argument("--run_dir", nargs="+", default=[],
                       help="train_text2image.py --output_dir(s): every checkpoint under checkpoints/iter_*.")
@@ -48,7 +52,7 @@ def parse_args(argv=None):
     what.add_argument("--model", default=None,
                       help="2B, 14B, tiny, a pipeline folder or hub id. Default: the model the runs were trained "
                            "from (trainer/config.json).")
-    what.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    what.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Sampling dtype of the Cosmos pipeline.")
     what.add_argument("--disable_guardrail", action="store_true",
                       help="Do not run NVIDIA's Cosmos guardrail (only where the NVIDIA Open Model License allows).")
     what.add_argument("--offload_guardrail", action="store_true", help="Keep the guardrail models on the CPU.")
@@ -67,13 +71,14 @@ def parse_args(argv=None):
                            f"{len(ev.PRIOR_PROMPTS)} scenes without it.")
     data.add_argument("--num_images_per_prompt", type=int, default=4,
                       help="Images per prompt, with seeds --seed, --seed + 1, ...: the same for every candidate.")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="The first seed.")
 
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--aspect_ratio", default="1:1", choices=list(ASPECT_RATIOS),
                      help="1:1 by default: the metric models look at a square (CLIP center-crops, ViT resizes).")
-    gen.add_argument("--sampler", default="diffusers", choices=SAMPLERS)
-    gen.add_argument("--num_steps", type=int, default=35)
+    gen.add_argument("--sampler", default="diffusers", choices=SAMPLERS,
+                     help="diffusers' Euler sampler or NVIDIA's own (infer_text2image.py --help).")
+    gen.add_argument("--num_steps", type=int, default=35, help="Sampling steps (NVIDIA's default).")
     gen.add_argument("--guidance", type=float, default=4.0, help="x0 = c + g (c - u); 0 turns guidance off.")
     gen.add_argument("--no_batched_cfg", action="store_true", help="Run the unconditional pass as a second call.")
     gen.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
