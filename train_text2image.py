@@ -39,7 +39,8 @@ from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_dif
 from cosmos_t2i.methods import training_method
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
-from cosmos_t2i.validation import Validator, encode_prompts
+from cosmos_t2i.fidelity import default_metric_models
+from cosmos_t2i.validation import ValidationMetrics, Validator, encode_prompts
 
 logger = get_logger("train_text2image")  # logs on the main process only
 
@@ -122,6 +123,14 @@ def parse_args(argv=None):
     out.add_argument("--validation_num_inference_steps", type=int, default=35)
     out.add_argument("--validation_guidance_scale", type=float, default=4.0)
     out.add_argument("--validation_aspect_ratio", default="16:9", choices=sorted(ASPECT_RATIOS))
+    out.add_argument("--validation_metrics", action="store_true",
+                     help="At each validation, log CLIP-T (each image with its prompt) and DINO / CLIP-I against 8 "
+                          "training images beside the images (DreamBooth's metrics, cosmos_t2i/fidelity.py).")
+    out.add_argument("--validation_dino_model", default=None,
+                     help="ViT for --validation_metrics (default facebook/dino-vits16; tiny with --model tiny).")
+    out.add_argument("--validation_clip_model", default=None,
+                     help="CLIP for --validation_metrics (default openai/clip-vit-large-patch14; tiny with --model "
+                          "tiny).")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the final model/ with a model card.")
     out.add_argument("--hub_model_id", default=None)
 
@@ -144,6 +153,9 @@ def parse_args(argv=None):
         args.synthetic_data = _parse_size(args.synthetic_data)
     elif args.dataset_dir is None:
         raise ValueError("--dataset_dir is required (make one with prepare_dataset.py and embed_captions.py).")
+    if args.validation_metrics and not (args.validation_prompt and args.dataset_dir):
+        raise ValueError("--validation_metrics scores the validation images against training images: it needs "
+                         "--validation_prompt and --dataset_dir.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
     if args.push_to_hub and args.save_iter == 0:
@@ -257,6 +269,9 @@ def main(args):
         size = model.resolutions[args.validation_aspect_ratio]
         validator = Validator(model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
                               args.validation_guidance_scale, args.seed, output_dir)
+        if args.validation_metrics and accelerator.is_main_process:
+            validator.metrics = ValidationMetrics(args.dataset_dir, *default_metric_models(
+                model, args.validation_dino_model, args.validation_clip_model))
     vae = None
     if not data.cached_latents:
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
@@ -315,6 +330,8 @@ def main(args):
                 images = validator.images(accelerator.unwrap_model(transformer), device, weight_dtype, text_dtype)
             if accelerator.is_main_process:
                 validation_images[iteration] = validator.save(images, iteration, accelerator.trackers)
+                if validator.metrics is not None:
+                    accelerator.log(validator.metrics.compute(images, args.validation_prompt, device), step=iteration)
         accelerator.wait_for_everyone()
 
     accelerator.init_trackers(args.tracker_project_name, config=_loggable(config))

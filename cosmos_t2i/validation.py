@@ -16,6 +16,8 @@ from .checkpoint import iter_name
 from .models import Model, load_text_encoder
 from .text_encoding import encode_captions, pad_embedding
 
+METRIC_REFERENCE_IMAGES = 8  # training images (spread over the set) the validation images are compared with
+
 
 def encode_prompts(model: Model, prompts: list[str], device, dtype) -> torch.Tensor:
     """[P, 512, D] padded T5 embeddings of `prompts`, on the CPU; the encoder is gone when this returns."""
@@ -40,6 +42,7 @@ class Validator:
         self.seed = seed
         self.output_dir = Path(output_dir) / "validation"
         self.pipe = None
+        self.metrics: ValidationMetrics | None = None  # --validation_metrics
 
     @torch.no_grad()
     def images(self, transformer, device, vae_dtype, text_dtype) -> list:
@@ -78,3 +81,39 @@ class Validator:
                 tracker.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, self.prompts)]},
                             step=iteration)
         return paths
+
+
+class ValidationMetrics:
+    """--validation_metrics: CLIP-T of each validation image with its prompt, and DINO / CLIP-I against the first
+    few training images (cosmos_t2i/fidelity.py), logged beside the images.
+
+    The metric models are loaded at the first validation and wait on the CPU between validations, so training
+    never holds them on the GPU. The reference images are embedded once.
+    """
+
+    def __init__(self, dataset_dir, dino_model: str, clip_model: str, num_references: int = METRIC_REFERENCE_IMAGES):
+        from .dataset_format import IMAGE_COLUMN, load_embedded_dataset
+        from .evaluation import spread
+
+        dataset = load_embedded_dataset(dataset_dir)
+        self.references = [dataset[i][IMAGE_COLUMN].convert("RGB") for i in spread(len(dataset), num_references)]
+        self.dino_model, self.clip_model = dino_model, clip_model
+        self.models = None
+        self.reference = None
+
+    def compute(self, images: list, prompts: list[str], device) -> dict[str, float]:
+        """{"validation/dino", "validation/clip_i", "validation/clip_t"} of one validation's images."""
+        from .fidelity import MetricModels, subject_metrics
+
+        if self.models is None:
+            self.models = MetricModels.load(self.dino_model, self.clip_model, device)
+            self.reference = self.models.embed(self.references)
+        else:
+            self.models.to(device)
+        try:
+            scores = subject_metrics(self.models, images, prompts, self.reference)
+        finally:
+            self.models.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return {f"validation/{name}": value for name, value in scores.items()}
