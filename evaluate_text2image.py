@@ -187,7 +187,7 @@ def main(args):
         sheets.append(write_contact_sheet(output_dir / "contact_sheets" / f"{candidate.name}.png", folder, jobs,
                                           args.prompts, seeds, args.thumbnail_size))
 
-    settings_record = dict(vars(settings), dino_model=args.dino_model, clip_model=args.clip_model,
+    settings_record = dict(vars(settings), model=model.name, dino_model=args.dino_model, clip_model=args.clip_model,
                            drift_metric=args.drift_metric, reference_dir=str(args.reference_dir),
                            num_reference_images=len(args.references), seeds=seeds,
                            prompts=[{"text": p.text, "subject": p.subject} for p in args.prompts],

@@ -239,7 +239,7 @@ def load_reference_images(folder: str | Path, limit: int | None = None) -> list:
     from PIL import Image
 
     from .embedding import load_imagefolder
-    from .frames import IMAGE_EXTENSIONS, METADATA_FILE
+    from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
 
     folder = Path(folder)
     if not folder.is_dir():
