@@ -3,6 +3,10 @@
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 import types
 from pathlib import Path
 
@@ -115,6 +119,31 @@ def test_a_run_killed_after_its_first_batch_resumes_without_duplicates(tmp_path,
     assert sorted(names) == [f"frame{i}.jpg" for i in range(5)]  # each once
     assert [row["file_name"] for row in _metadata(dataset_dir)] == sorted(names)
     assert all(row["text"].startswith(PREFIX) for row in _metadata(dataset_dir))
+
+
+def test_a_process_killed_mid_run_resumes_without_duplicates(tmp_path):
+    dataset_dir = _imagefolder(tmp_path / "ds", [""] * 16)
+    before = (dataset_dir / "metadata.jsonl").read_bytes()
+    raw_file = dataset_dir / captioning.RAW_FILE
+    script = Path(caption_dataset.__file__)
+    process = subprocess.Popen([sys.executable, str(script), "--dataset_dir", str(dataset_dir), "--caption_model",
+                                "tiny", "--device", "cpu", "--caption_max_words", "12", "--batch_size", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (raw_file.is_file() and raw_file.read_bytes().count(b"\n") >= 1):
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first batch"
+            time.sleep(0.01)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert (dataset_dir / "metadata.jsonl").read_bytes() == before  # the kill came before the end
+
+    report = _caption(dataset_dir)
+    names = [entry["file_name"] for entry in _raw(dataset_dir)]
+    assert 1 <= len(report.resumed) < 16 and len(report.resumed) + len(report.captioned) == 16
+    assert sorted(names) == sorted(f"frame{i}.jpg" for i in range(16))  # each exactly once
+    assert all(row["text"] for row in _metadata(dataset_dir))
 
 
 def test_a_line_torn_by_a_kill_is_dropped_and_its_file_captioned_again(tmp_path):
