@@ -66,24 +66,40 @@ def build_tiny_tokenizer():
                               unk_token=None, bos_token=None, model_max_length=4096)
 
 
+def build_processor(min_pixels: int, max_pixels: int):
+    """Qwen3-VL's processor (16 px patches merged 2x2) around the tiny tokenizer; images are resized to keep
+    their pixel count within [min_pixels, max_pixels]."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                            size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer(),
+                            video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+
+
+def vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The Qwen3VLConfig fields that must name the tokenizer's vision tokens."""
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def build_tiny_vlm(path: str | os.PathLike) -> Path:
     """Build the tiny Qwen3-VL with a fixed seed and save model + processor (written aside, renamed into place)."""
     import torch
-    from transformers import (GenerationConfig, Qwen2VLImageProcessor, Qwen3VLConfig,
-                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     # Images are resized to at most 64x64 pixels: 16 patches of 16 px, merged 2x2 into 4 image tokens.
-    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                            size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64})
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    processor = build_processor(min_pixels=32 * 32, max_pixels=64 * 64)
+    ids = special_token_ids(processor.tokenizer)
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                          max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"],
                          # mrope_section splits head_dim / 2 rotary pairs over (time, height, width).
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
@@ -91,8 +107,7 @@ def build_tiny_vlm(path: str | os.PathLike) -> Path:
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            num_position_embeddings=64, deepstack_visual_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(ids),
     )
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(config)
