@@ -2,11 +2,11 @@
 
 The default captioner is Qwen3-VL-4B-Instruct. Why: transformers supports it natively (Qwen3VLForConditionalGeneration,
 AutoModelForImageTextToText), it follows a captioning instruction (length, what to describe, what not to say), and
-it is the best quality per GB among the candidates: ~8.9 GB of bf16 weights, which Qwen's model card puts on a par
-with Qwen2.5-VL-7B (~16.6 GB). Qwen3-VL-2B and Qwen2.5-VL-3B are smaller but describe less; Florence-2 (0.8 GB) has
-fixed task prompts and no instruction following, so --caption_prompt could not steer it; SmolVLM is small but its
-captions are shorter and vaguer. Any chat-template VLM that AutoModelForImageTextToText loads works with
---caption_model.
+it gives the most quality per GB among the candidates: ~8.9 GB of bf16 weights, which Qwen's model card puts on a
+par with Qwen2.5-VL-7B (~16.6 GB). Qwen3-VL-2B, Qwen2.5-VL-3B and SmolVLM are lighter but score lower in their
+published benchmarks; Florence-2 (0.8 GB) has fixed task prompts and no instruction following, so --caption_prompt
+could not steer it. The choice rests on those published tables, not on captions compared here (no weights here).
+Any chat-template VLM that AutoModelForImageTextToText loads works with --caption_model.
 
 Resume: every batch's raw answers are appended (flushed and fsync'd) to DATASET_DIR/captions_raw.jsonl, each line
 naming the file, the model, the prompt and the token budget. A rerun with the same settings skips files that already
