@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole job on the tiny model, on a CPU, with no downloads:
-# a sample clip -> prepare_dataset -> caption_dataset -> embed_captions -> train (full fine-tune and LoRA) -> infer -> images on disk.
+# a sample clip -> prepare_dataset -> caption_dataset -> embed_captions -> train (full fine-tune and LoRA) -> infer
+# -> images on disk.
 # Usage: bash demo.sh [PYTHON] [OUTPUT_DIR]   (`make demo` runs it in the project's virtualenv)
 set -euo pipefail
 PY=${1:-python}
