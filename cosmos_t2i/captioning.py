@@ -38,14 +38,16 @@ DEFAULT_PROMPT = (
     "do not start with 'The image' or 'This image'."
 )
 RAW_FILE = "captions_raw.jsonl"
-# T5 reads 512 tokens. English runs well under 2 T5 tokens a word, so this many words (plus the prefix) fit.
+# T5 reads 512 tokens; at 2 SentencePiece tokens a word (common English words are 1 or 2; not measured here, no T5
+# tokenizer offline) this many words stay inside it.
 MAX_WORDS_LIMIT = 250
 # Generation budget per word of caption: enough that an answer is cut by --caption_max_words, not by tokens.
 TOKENS_PER_WORD = 2
 
 # How VLMs tend to open a description; dropped when a prefix already says what the image is.
-_LEAD_IN = re.compile(r"^(in )?(the|this) (image|photo|photograph|picture|frame|scene)\s*"
-                      r"(shows|depicts|features|captures|displays|is of)?\s*:?\s*", re.IGNORECASE)
+_LEAD_IN = re.compile(r"^(in (the|this) (image|photo|picture|frame|scene)\s*,?"
+                      r"|(the|this) (image|photo|photograph|picture|frame) (shows|depicts|features|captures|displays"
+                      r"|is of)\s*:?)\s*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ufffd]")
 
 

@@ -245,3 +245,7 @@ def test_compose_caption_continues_the_prefix_and_bounds_the_words():
     assert captioning.compose_caption(PREFIX, "Standing on a table, lit from the left", 3) == (
         PREFIX + "standing on a.")
     assert captioning.compose_caption("", "The image shows a cat.", 80) == "The image shows a cat."
+    assert captioning.compose_caption(PREFIX, "In this frame, LED strips light a hall.", 80) == (
+        PREFIX + "LED strips light a hall.")
+    assert captioning.compose_caption(PREFIX, "The scene is set in a factory.", 80) == (
+        PREFIX + "the scene is set in a factory.")
