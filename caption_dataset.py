@@ -77,7 +77,7 @@ def main(argv=None) -> captioning.Report:
             max_words=args.caption_max_words, overwrite=args.overwrite_captions, batch_size=args.batch_size,
             device=device, dtype=dtype)
     except captioning.CaptioningError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever the cause's
         raise SystemExit(2) from None
     logger.info(report.summary(args.dataset_dir, args.caption_model))
     if report.captioned or report.resumed:

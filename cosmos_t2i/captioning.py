@@ -184,7 +184,8 @@ def load_vlm(model: str, device, dtype):
     path = resolve_model(model)
     try:
         processor = AutoProcessor.from_pretrained(path)
-        vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        # Loaded straight onto the device: a 9 GB model need not pass through CPU memory.
+        vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map=str(device))
     except Exception as error:
         raise CaptioningError(_why_not_loaded(model, error)) from error
     if getattr(processor, "chat_template", None) is None:
@@ -194,7 +195,7 @@ def load_vlm(model: str, device, dtype):
         )
     # Batched generation appends new tokens on the right, so prompts of different lengths are padded on the left.
     processor.tokenizer.padding_side = "left"
-    return processor, vlm.to(device).eval()
+    return processor, vlm.eval()
 
 
 def _why_not_loaded(model: str, error: Exception) -> str:
