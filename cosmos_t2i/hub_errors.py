@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 
-def _find_in_chain(error: BaseException | None, match):
+def find_in_chain(error: BaseException | None, match):
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -19,7 +19,7 @@ def _find_in_chain(error: BaseException | None, match):
     return None
 
 
-def _refused(error: BaseException) -> bool:
+def refused_by_hub(error: BaseException) -> bool:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
     if isinstance(error, GatedRepoError):
@@ -35,13 +35,13 @@ def explain_hub_errors(repo: str):
     try:
         yield
     except Exception as error:
-        if _find_in_chain(error, _refused) is not None:
+        if find_in_chain(error, refused_by_hub) is not None:
             raise PermissionError(
                 f"The Hugging Face Hub refused to give {repo}: NVIDIA's Cosmos-Predict2 repos are gated. Open "
                 f"https://huggingface.co/{repo}, accept the NVIDIA Open Model License with your account, then run "
                 "`hf auth login` (older huggingface_hub: `huggingface-cli login`) here or set HF_TOKEN, and re-run."
             ) from error
-        if _find_in_chain(error, lambda e: isinstance(e, RepositoryNotFoundError)) is not None:
+        if find_in_chain(error, lambda e: isinstance(e, RepositoryNotFoundError)) is not None:
             raise FileNotFoundError(
                 f"{repo} was not found on the Hub (or your token cannot see it). Check the id, or pass a local "
                 "pipeline folder / --model 2B, 14B or tiny."

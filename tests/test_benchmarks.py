@@ -3,7 +3,7 @@ what BENCHMARKS.md quotes: the fast path's first loss and final latents next to 
 
 import json
 
-from benchmarks import bench_infer, bench_scaling, bench_train
+from benchmarks import bench_caption, bench_infer, bench_scaling, bench_train
 
 
 def test_bench_train_compares_the_fast_path_with_the_plain_one(tmp_path):
@@ -36,3 +36,12 @@ def test_bench_scaling_reads_the_training_scripts_throughput(tiny_model_dir, tmp
     assert "error" not in row, (tmp_path / "14B_lora_ddp_1gpu.log").read_text()[-3000:]
     assert row["gpus"] == 1 and row["config"] == "single_gpu.yaml" and row["scaling"] == "100.0%"
     assert row["samples_per_s"] > 0 and row["per_gpu"] == row["samples_per_s"]
+
+
+def test_bench_caption_times_full_length_captions(tmp_path, monkeypatch):
+    monkeypatch.setenv("COSMOS_T2I_TINY_VLM_DIR", str(tmp_path / "tiny-vlm"))
+    out = tmp_path / "caption.md"
+    bench_caption.main(["--model", "tiny", "--device", "cpu", "--batch_sizes", "2", "--runs", "1", "--width", "64",
+                        "--height", "64", "--max_words", "5", "--out", str(out)])
+    [row] = json.loads(out.with_suffix(".json").read_text())
+    assert row["batch"] == 2 and row["new_tokens"] == 18 and row["captions_per_s"] > 0
