@@ -17,7 +17,8 @@ import argparse
 import logging
 import sys
 
-from cosmos_t2i import captioning, embedding
+from cosmos_t2i import captioning
+from cosmos_t2i.models import dtype_named
 
 logger = logging.getLogger("caption_dataset")
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=8, help="Images per VLM call (default: %(default)s).")
     parser.add_argument("--device", default=None,
                         help="Where the VLM runs: cuda, cuda:1, cpu, ... (default: cuda if available, else cpu).")
-    parser.add_argument("--dtype", choices=sorted(embedding.DTYPES), default=None,
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="VLM weights and compute dtype (default: bf16 on a GPU, fp32 on a CPU).")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -70,7 +71,7 @@ def main(argv=None) -> captioning.Report:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    dtype = embedding.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    dtype = dtype_named(args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     try:
         report = captioning.caption_dataset(
             args.dataset_dir, model=args.caption_model, prompt=args.caption_prompt, prefix=args.caption_prefix,
