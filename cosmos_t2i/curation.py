@@ -150,7 +150,7 @@ class VideoCurator:
         for name in self.measured:
             if name not in kept:
                 (Path(output_dir) / name).unlink(missing_ok=True)
-        self.measured = {n: self.measured[n] for n in names}
+        self.measured = {n: m for n, m in self.measured.items() if n in kept}
         return names, dropped
 
 
@@ -226,5 +226,6 @@ def summary_lines(report) -> list[str]:
                            if reason in report.dropped)
         lines.append(f"Curation dropped {total} frames: {counts}.")
     if report.scene_cuts:
-        lines.append(f"Found {report.scene_cuts} scene cuts; sampling restarted after each.")
+        cuts = f"{report.scene_cuts} scene cut" + ("s" if report.scene_cuts > 1 else "")
+        lines.append(f"Found {cuts}; --stride sampling restarted at each.")
     return lines
