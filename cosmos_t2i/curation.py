@@ -59,13 +59,17 @@ class Filters:
                                                                      and self.choose == "spread")
 
 
-def measure(grey) -> tuple[float, int]:
-    """(sharpness, perceptual hash) of a grey uint8 image: variance of the Laplacian, 64-bit pHash as an int."""
+def measure(grey, with_hash: bool = True) -> tuple[float, int]:
+    """(sharpness, perceptual hash) of a grey uint8 image: variance of the Laplacian, 64-bit pHash as an int (0
+    when not `with_hash`: only the duplicate search needs it, and imagehash's import alone costs ~1 s a worker)."""
     import cv2
+
+    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    if not with_hash:
+        return sharpness, 0
     import imagehash
     from PIL import Image
 
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
     return sharpness, int(str(imagehash.phash(Image.fromarray(grey))), 16)
 
 
@@ -127,7 +131,8 @@ class VideoCurator:
         if self.measuring:
             import cv2
 
-            self.measured[name] = measure(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+            grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            self.measured[name] = measure(grey, with_hash=self.filters.dedup_distance >= 0)
 
     def finish(self, names: list[str], output_dir: str | Path) -> tuple[list[str], dict[str, int]]:
         """Apply the blur filter and the spread choice to the video's kept frames `names` (in time order): delete
