@@ -64,7 +64,8 @@ def measure(grey, with_hash: bool = True) -> tuple[float, int]:
     when not `with_hash`: only the duplicate search needs it, and imagehash's import alone costs ~1 s a worker)."""
     import cv2
 
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    _, deviation = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    sharpness = float(deviation[0, 0]) ** 2
     if not with_hash:
         return sharpness, 0
     import imagehash
@@ -105,7 +106,7 @@ class VideoCurator:
             # min_scene_len frames later, when frames of the new shot would already have been sampled wrongly.
             self._detector = ContentDetector(threshold=filters.scene_threshold, min_scene_len=MIN_SHOT_FRAMES,
                                              filter_mode=FlashFilter.Mode.SUPPRESS)
-            self._fps = fps if fps and fps > 0 else 30.0
+            self._fps = float(fps) if fps and fps > 0 else 30.0  # FrameTimecode refuses an int
 
     def needs_pixels(self, index: int) -> bool:
         """Whether frame `index` must be decoded to pixels (else it is only grabbed: cheaper)."""
