@@ -54,7 +54,8 @@ class Filters:
         return cls(scene_threshold=0.0, blur_fraction=0.0, dedup_distance=-1, choose="first")
 
     def measures(self, max_frames: int | None) -> bool:
-        """Whether the workers must measure sharpness and hash of every image they write."""
+        """Whether the workers must measure every frame they write (the hash only where near-duplicates are
+        searched: `dedup_distance` >= 0)."""
         return self.blur_fraction > 0 or self.dedup_distance >= 0 or (max_frames is not None
                                                                      and self.choose == "spread")
 
