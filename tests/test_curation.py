@@ -186,3 +186,14 @@ def test_bad_filter_values_are_one_line_errors(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         _prepare(tmp_path, tmp_path / "out", flag, value)
     assert exit_info.value.code == 2 and f"error: {flag}" in capsys.readouterr().err
+
+
+def test_bench_curation_runs_every_variant():
+    from benchmarks import bench_curation
+
+    rows = bench_curation.main(["--width", "64", "--height", "48", "--num_frames", "20", "--videos", "2",
+                                "--workers", "0", "--stride", "10"])
+    written = {name: count for name, rate, count in rows}
+    assert list(written) == list(bench_curation.VARIANTS) and all(rate > 0 for _, rate, _ in rows)
+    # The two clips differ only in their noise: the duplicate search drops frames of one that repeat the other's.
+    assert written["plain (--no_curation)"] == 4 and written["near-duplicates only"] < 4
