@@ -11,6 +11,9 @@ File formats, chosen so that nothing is lost that training could see:
 - A JPEG image that needs no change (RGB or grey, no EXIF rotation) is copied byte for byte: no second generation
   of compression. Any other image is decoded, rotated upright, flattened onto white if it has alpha, and written as
   PNG, which is lossless.
+
+Which frames of a video are kept beyond every N-th (scene cuts, blur, near-duplicates) is curation.py's concern;
+`Options.filters` carries its settings into the workers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import curation
 from .dataset_format import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
@@ -107,6 +111,8 @@ class Options:
     stride: int = 30
     max_frames_per_video: int | None = None
     min_side: int = 0
+    filters: curation.Filters = curation.Filters.off()  # scene cuts, blur, near-duplicates (curation.py)
+    write_frames: bool = True  # False for --dry_run: video frames are decoded and measured, not encoded
 
 
 @dataclasses.dataclass
@@ -115,6 +121,9 @@ class Result:
     files: list[str] = dataclasses.field(default_factory=list)  # names written into output_dir
     error: str | None = None  # unreadable / truncated: the file is skipped
     too_small: str | None = None  # "WxH" when below --min_side: the file is skipped
+    measured: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)  # name -> (sharpness, hash)
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # curation reason -> frames dropped
+    scene_cuts: int = 0
 
 
 def extract(job: tuple[str, str], options: Options) -> Result:
@@ -129,6 +138,9 @@ def extract(job: tuple[str, str], options: Options) -> Result:
                 _extract_video(source, stem, options, result)
             else:
                 _extract_image(source, stem, options, result)
+                if options.filters.dedup_distance >= 0:  # images take part in the dataset-wide duplicate search
+                    result.measured = {name: curation.measure_image_file(Path(options.output_dir) / name)
+                                       for name in result.files}
         except Exception as error:  # a worker must survive any single bad file
             result.error = f"{type(error).__name__}: {error}"
     if result.error or result.too_small:
@@ -156,29 +168,40 @@ def _extract_video(source: str, stem: str, options: Options, result: Result) -> 
             result.too_small = f"{width}x{height}"
             return
         expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # exact for mp4/mov, an estimate for some others
-        index, limit = 0, options.max_frames_per_video
+        curator = curation.VideoCurator(options.filters, options.stride, options.max_frames_per_video,
+                                        capture.get(cv2.CAP_PROP_FPS))
+        index = 0
+        # "spread" chooses among the whole video's frames, so only "first" stops decoding at the cap.
+        limit = options.max_frames_per_video if options.filters.choose == "first" else None
         # Sequential read: grab() skips the colour conversion of frames we do not keep, and unlike seeking it lands
         # on exactly the frame asked for with every codec.
         while limit is None or len(result.files) < limit:
-            if index % options.stride == 0:
+            decode = curator.needs_pixels(index)
+            if decode:
                 ok, frame = capture.read()
                 if not ok:
                     break
+            elif not capture.grab():
+                break
+            if decode and curator.take(index, frame):
                 if min(frame.shape[:2]) < options.min_side:
                     result.too_small = f"{frame.shape[1]}x{frame.shape[0]}"
                     return
                 name = f"{stem}_f{index:06d}.jpg"
-                Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).save(
-                    Path(options.output_dir) / name, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+                if options.write_frames:
+                    Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).save(
+                        Path(options.output_dir) / name, "JPEG", quality=JPEG_QUALITY, subsampling=0)
                 result.files.append(name)
-            elif not capture.grab():
-                break
+                curator.record(name, frame)
             index += 1
         reached_end = limit is None or len(result.files) < limit  # else we stopped on purpose
         if index == 0:
             result.error = "no frame could be decoded"
         elif reached_end and expected > 0 and index < expected - max(2, round(0.02 * expected)):
             result.error = f"decoding stopped at frame {index} of {expected}: truncated or corrupt"
+        else:
+            result.files, result.dropped = curator.finish(result.files, options.output_dir)
+            result.measured, result.scene_cuts = curator.measured, curator.cuts
     finally:
         capture.release()
 
@@ -255,9 +278,12 @@ class Report:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file name, why)
     too_small: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file name, "WxH")
     seconds: float = 0.0
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # curation reason -> frames dropped
+    scene_cuts: int = 0
 
-    def summary(self, output_dir, min_side: int = 0) -> str:
-        lines = [f"Read {self.files_read} files in {self.seconds:.1f} s; wrote {self.frames_written} images to "
+    def summary(self, output_dir, min_side: int = 0, dry_run: bool = False) -> str:
+        wrote = "dry run, nothing written; would write" if dry_run else "wrote"
+        lines = [f"Read {self.files_read} files in {self.seconds:.1f} s; {wrote} {self.frames_written} images to "
                  f"{output_dir}."]
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} unreadable files:")
@@ -265,6 +291,7 @@ class Report:
         if self.too_small:
             lines.append(f"Skipped {len(self.too_small)} files whose shorter side is under --min_side {min_side}:")
             lines += [f"  {name}: {size}" for name, size in self.too_small]
+        lines += curation.summary_lines(self)
         return "\n".join(lines)
 
 
