@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from cosmos_t2i import frames
+from cosmos_t2i import frames, user_errors
 
 logger = logging.getLogger("prepare_dataset")
 
@@ -49,6 +49,7 @@ def parse_args(argv=None):
                         help="Decoding processes (default: min(8, CPU count)); 0 or 1 decodes in this process.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace a non-empty --output_dataset_dir (only once the new dataset is complete).")
+    user_errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.stride < 1:
         parser.error("--stride must be >= 1.")
@@ -63,23 +64,26 @@ def main(argv=None) -> frames.Report:
     input_dir = Path(args.input_dataset_dir).resolve()
     output_dir = Path(args.output_dataset_dir).resolve()
     if output_dir == input_dir or output_dir in input_dir.parents:
-        raise ValueError(f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
+        raise user_errors.BadValue(
+            f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
     # Every check that can fail cheaply runs before any decoding.
     frames.require_empty_or_overwrite(output_dir, args.overwrite)
-    sources = frames.find_sources(input_dir)
+    inventory = frames.find_sources(input_dir, exclude=[output_dir])  # subfolders too; the output may lie inside
+    sources = inventory.sources
     captions = frames.find_captions(sources, input_dir, args.prompt)
-    stems = frames.output_stems(sources)
+    stems = frames.output_stems(sources, input_dir)
 
     with frames.staged_folder(output_dir) as staging:
         options = frames.Options(str(staging), args.stride, args.max_frames_per_video, args.min_side)
         jobs = [(str(source), stems[source]) for source in sources]
-        results, report = frames.extract_all(jobs, options, args.num_workers)
+        results, report = frames.extract_all(jobs, options, args.num_workers, input_dir)
+        report.add_unread(inventory, prompt_given=args.prompt is not None)
         records = sorted(
             (name, captions[Path(result.source)]) for result in results for name in result.files
         )
         if not records:
-            raise RuntimeError("No image was written, so no dataset was made.\n" + report.summary(output_dir,
-                                                                                                  args.min_side))
+            raise user_errors.UserError("No image was written, so no dataset was made.\n"
+                                        + report.summary(output_dir, args.min_side))
         # metadata.jsonl last: only a folder with every image in it can carry it.
         with open(staging / frames.METADATA_FILE, "w", encoding="utf-8") as f:
             for name, text in records:
@@ -90,4 +94,4 @@ def main(argv=None) -> frames.Report:
 
 
 if __name__ == "__main__":
-    main()
+    user_errors.run(main)
