@@ -82,8 +82,9 @@ def main(argv=None) -> frames.Report:
             (name, captions[Path(result.source)]) for result in results for name in result.files
         )
         if not records:
-            raise user_errors.UserError("No image was written, so no dataset was made.\n"
-                                        + report.summary(output_dir, args.min_side))
+            logger.info(report.summary(output_dir, args.min_side))
+            raise user_errors.UserError("No image was written, so no dataset was made; the summary above says why "
+                                        "each file was skipped.")
         # metadata.jsonl last: only a folder with every image in it can carry it.
         with open(staging / frames.METADATA_FILE, "w", encoding="utf-8") as f:
             for name, text in records:

@@ -164,7 +164,8 @@ def describe_truncated(truncated: dict[str, int], captions: list[str], stems: li
              "NVIDIA's encoder cuts them: training never sees their ends. Shorten them to keep every word:"]
     for caption, lost in sorted(truncated.items(), key=lambda item: -item[1]):
         start = caption if len(caption) <= 80 else caption[:77] + "..."
-        images = ", ".join(rows[caption][:3]) + (f" and {len(rows[caption]) - 3} more" if len(rows[caption]) > 3 else "")
+        stems = rows[caption]
+        images = ", ".join(stems[:3]) + (f" and {len(stems) - 3} more" if len(stems) > 3 else "")
         lines.append(f"  loses {lost} tokens: {start!r} (images {images})")
     return "\n".join(lines)
 

@@ -49,10 +49,12 @@ def find_sources(input_dir: str | os.PathLike, exclude: list[Path] = ()) -> inpu
     extensions = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
     inventory = input_files.scan(input_dir, extensions, exclude)
     if not inventory.sources:
-        found = "".join(f"\n  {name}: {why}" for name, why in inventory.skipped)
+        others = "; ".join(f"{name}: {why}" for name, why in inventory.skipped[:5])
+        others += f"; and {len(inventory.skipped) - 5} more" if len(inventory.skipped) > 5 else ""
         raise MissingInput(
-            f"No videos or images under {input_dir} (extensions {' '.join(sorted(extensions))}; "
-            f"{len(inventory.texts)} text files and {len(inventory.skipped)} others found){found}"
+            f"No videos or images under {input_dir} (extensions {' '.join(sorted(extensions))}). Found "
+            f"{len(inventory.texts)} text files and {len(inventory.skipped)} others"
+            + (f" ({others})." if others else ".")
         )
     return inventory
 

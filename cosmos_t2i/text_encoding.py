@@ -1,7 +1,8 @@
 """T5 caption embeddings exactly as NVIDIA's Cosmos-Predict2 computes them.
 
-Tokenize padded to 512 with truncation (a longer caption loses its end, as in NVIDIA's encoder), run the encoder with the attention mask, zero every position at or past
-the real length (which counts `</s>`), keep the first `length` rows. Training zero-pads back to [512, D].
+Tokenize padded to 512 with truncation (a longer caption loses its end, as in NVIDIA's encoder), run the encoder
+with the attention mask, zero every position at or past the real length (which counts `</s>`), keep the first
+`length` rows. Training zero-pads back to [512, D].
 """
 
 from __future__ import annotations
