@@ -12,7 +12,8 @@ needs neither T5 nor the VAE encoder.
 --from_nvidia_dir takes NVIDIA's prepared layout (images/*.jpg, t5_xxl/*.pickle, metas/*.txt) as it is: it creates
 DATASET_DIR as an imagefolder from it and DATASET_DIR/embedded from the pickles, without re-encoding.
 
-The output is built beside its final place and renamed in at the end: an interrupted run leaves no half dataset.
+The output is built beside its final place and renamed in at the end: an interrupted run leaves no half dataset,
+and what a killed run leaves (one hidden staging folder, its work files inside) is removed by the next run.
 """
 
 from __future__ import annotations

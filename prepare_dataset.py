@@ -4,14 +4,17 @@
     python prepare_dataset.py --input_dataset_dir datasets/cosmos_nemo_assets \
         --output_dataset_dir datasets/robot --prompt "An image of sks teal robot."
 
-Input: videos (`DIR/videos/*.mp4` as in NVIDIA's example, or directly in DIR; anything OpenCV decodes), images, or
-NVIDIA's `images/` + `metas/*.txt`. Captions: --prompt for all, else `<file>.txt` beside each file, else
-`DIR/metas/<stem>.txt`. Every --stride-th frame is kept, from frame 0 (NVIDIA: 30).
+Input: videos (`DIR/videos/*.mp4` as in NVIDIA's example, or anywhere under DIR, subfolders too; anything OpenCV
+decodes), images, or NVIDIA's `images/` + `metas/*.txt`. Captions: --prompt for all, else `<file>.txt` beside each
+file, else `DIR/metas/<its folders>/<stem>.txt`, else `DIR/metas/<stem>.txt`. Every --stride-th frame is kept, from
+frame 0 (NVIDIA: 30). The final summary accounts for every file under DIR: read, or skipped with the reason.
 
-Output: OUT/<video-stem>_f000030.jpg ... and OUT/metadata.jsonl (`file_name`, `text`), so that
+Output: OUT/<video-stem>_f000030.jpg ... (`cam1__a.jpg` for DIR/cam1/a.jpg; longer names only where two inputs
+would write one file) and OUT/metadata.jsonl (`file_name`, `text`), so that
 `datasets.load_dataset("imagefolder", data_dir=OUT)` gives `image` and `text` columns. The folder is built beside
 OUT and renamed into place at the end (metadata.jsonl written last), so an interrupted run never leaves a dataset
-that loads as if it were complete. Unreadable files are reported by name and skipped.
+that loads as if it were complete. Unreadable files are reported by name and skipped; a decoding worker that dies
+ends the run with the file it had, writing nothing.
 """
 
 from __future__ import annotations
