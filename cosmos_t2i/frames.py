@@ -1,8 +1,9 @@
 """Videos and images -> the image files of an imagefolder, decoded in parallel, with every failure reported by name.
 
-What goes in: a folder of videos (NVIDIA's `videos/`), images (NVIDIA's `images/`) or both, with captions from one
-`--prompt`, a `.txt` beside each file, or `metas/<stem>.txt`. What comes out: `<video-stem>_f000030.jpg` for frame 30
-of a video, `<image-stem>.jpg|.png` for an image, written by worker processes straight into a staging folder.
+What goes in: a folder of videos (NVIDIA's `videos/`), images (NVIDIA's `images/`) or both, subfolders too
+(input_files.py sorts every file into read or skipped-with-why), with captions from one `--prompt`, a `.txt` beside
+each file, or `metas/`. What comes out: `<video-stem>_f000030.jpg` for frame 30 of a video, `<image-stem>.jpg|.png`
+for an image (stems unique: input_files.unique_stems), written by worker processes straight into a staging folder.
 
 File formats, chosen so that nothing is lost that training could see:
 - Video frames are JPEG quality 95 with 4:4:4 chroma. The frames come out of a lossy 4:2:0 video codec already; at
