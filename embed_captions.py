@@ -12,7 +12,8 @@ needs neither T5 nor the VAE encoder.
 --from_nvidia_dir takes NVIDIA's prepared layout (images/*.jpg, t5_xxl/*.pickle, metas/*.txt) as it is: it creates
 DATASET_DIR as an imagefolder from it and DATASET_DIR/embedded from the pickles, without re-encoding.
 
-The output is built beside its final place and renamed in at the end: an interrupted run leaves no half dataset.
+The output is built beside its final place and renamed in at the end: an interrupted run leaves no half dataset,
+and what a killed run leaves (one hidden staging folder, its work files inside) is removed by the next run.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import gc
 import logging
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cosmos_t2i import dataset_format as fmt
-from cosmos_t2i import embedding
+from cosmos_t2i import embedding, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.models import Model, device_and_dtype, load_text_encoder, load_vae, resolve_model
 from cosmos_t2i.text_encoding import MAX_LENGTH
@@ -62,6 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="With --from_nvidia_dir: replace a non-empty --dataset_dir. (DATASET_DIR/embedded is "
                              "always replaced: it is derived from the imagefolder.)")
+    user_errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.model is None and (args.from_nvidia_dir is None or args.cache_latents):
         parser.error("--model is required (unless importing --from_nvidia_dir without --cache_latents).")
@@ -76,7 +77,10 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     dataset_dir = Path(args.dataset_dir)
     # Resolve before any work: an unknown --model fails now, not after the import.
-    model = resolve_model(args.model) if args.model else None
+    try:
+        model = resolve_model(args.model) if args.model else None
+    except ValueError as error:  # an unknown --model name
+        raise user_errors.BadValue(str(error)) from None
     if args.from_nvidia_dir:
         pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
         require_empty_or_overwrite(dataset_dir, args.overwrite)
@@ -101,8 +105,10 @@ def main(argv=None) -> dict:
 def build_embedded(args, model: Model | None, imagefolder_dir: Path, output_dir: Path) -> dict:
     """Write the embedded dataset of `imagefolder_dir` into the (empty) `output_dir`; return its info."""
     device, dtype = device_and_dtype(args.dtype)
-    # Intermediate Arrow files go beside the output (same disk, removed at the end), not into ~/.cache.
-    work = Path(tempfile.mkdtemp(prefix=".embed-work-", dir=output_dir.parent))
+    # Intermediate Arrow files go inside the output's staging folder (same disk, removed at the end), not into
+    # ~/.cache: a killed run leaves them in that one folder, which the next run's staged_folder removes.
+    work = output_dir / ".work"
+    work.mkdir(parents=True)  # output_dir itself is new with --from_nvidia_dir (embedded/ of the staging)
     try:
         dataset = embedding.load_imagefolder(imagefolder_dir, work / "hf", args.caption_column)
         captions = dataset[fmt.TEXT_COLUMN]
@@ -118,9 +124,13 @@ def build_embedded(args, model: Model | None, imagefolder_dir: Path, output_dir:
         else:
             logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model.path, device, dtype)
             tokenizer, text_encoder = load_text_encoder(model, device, dtype)
+            truncated = embedding.truncated_captions(captions, tokenizer, MAX_LENGTH)
+            if truncated:
+                logger.warning(embedding.describe_truncated(truncated, captions, embedding.image_stems(dataset)))
             t5_rows, _ = embedding.encoded_t5_rows(captions, tokenizer, text_encoder, args.batch_size,
                                                    work / "t5.arrow")
-            info.update(source="encoded", text_encoder=type(text_encoder).__name__,
+            info.update(source="encoded", num_truncated_captions=len(truncated),
+                        text_encoder=type(text_encoder).__name__,
                         text_embed_dim=text_encoder.config.d_model, dtype=str(dtype).removeprefix("torch."))
             del text_encoder
             _free(device)
@@ -149,4 +159,4 @@ def _free(device) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_errors.run(main)

@@ -4,16 +4,19 @@
     python prepare_dataset.py --input_dataset_dir datasets/cosmos_nemo_assets \
         --output_dataset_dir datasets/robot --prompt "An image of sks teal robot."
 
-Input: videos (`DIR/videos/*.mp4` as in NVIDIA's example, or directly in DIR; anything OpenCV decodes), images, or
-NVIDIA's `images/` + `metas/*.txt`. Captions: --prompt for all, else `<file>.txt` beside each file, else
-`DIR/metas/<stem>.txt`. Every --stride-th frame is kept, from frame 0 (NVIDIA: 30) and again from each scene cut;
-blurred frames and near-duplicates (across the whole dataset) are dropped, each filter with its flag
-(cosmos_t2i/curation.py says how each works). --no_curation gives NVIDIA's frames exactly.
+Input: videos (`DIR/videos/*.mp4` as in NVIDIA's example, or anywhere under DIR, subfolders too; anything OpenCV
+decodes), images, or NVIDIA's `images/` + `metas/*.txt`. Captions: --prompt for all, else `<file>.txt` beside each
+file, else `DIR/metas/<its folders>/<stem>.txt`, else `DIR/metas/<stem>.txt`. Every --stride-th frame is kept, from
+frame 0 (NVIDIA: 30) and again from each scene cut; blurred frames and near-duplicates (across the whole dataset) are
+dropped, each filter with its flag (cosmos_t2i/curation.py says how each works). --no_curation gives NVIDIA's frames
+exactly. The final summary accounts for every file under DIR: read, or skipped with the reason.
 
-Output: OUT/<video-stem>_f000030.jpg ... and OUT/metadata.jsonl (`file_name`, `text`), so that
+Output: OUT/<video-stem>_f000030.jpg ... (`cam1__a.jpg` for DIR/cam1/a.jpg; longer names only where two inputs
+would write one file) and OUT/metadata.jsonl (`file_name`, `text`), so that
 `datasets.load_dataset("imagefolder", data_dir=OUT)` gives `image` and `text` columns. The folder is built beside
 OUT and renamed into place at the end (metadata.jsonl written last), so an interrupted run never leaves a dataset
-that loads as if it were complete. Unreadable files are reported by name and skipped.
+that loads as if it were complete. Unreadable files are reported by name and skipped; a decoding worker that dies
+ends the run with the file it had, writing nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cosmos_t2i import curation, frames
+from cosmos_t2i import curation, frames, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.dataset_format import METADATA_FILE
 
@@ -76,6 +79,7 @@ def parse_args(argv=None):
                         help="Decoding processes (default: min(8, CPU count)); 0 or 1 decodes in this process.")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace a non-empty --output_dataset_dir (only once the new dataset is complete).")
+    user_errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.stride < 1:
         parser.error("--stride must be >= 1.")
@@ -104,13 +108,16 @@ def main(argv=None) -> frames.Report:
     input_dir = Path(args.input_dataset_dir).resolve()
     output_dir = Path(args.output_dataset_dir).resolve() if args.output_dataset_dir else None
     if output_dir is not None and (output_dir == input_dir or output_dir in input_dir.parents):
-        raise ValueError(f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
+        raise user_errors.BadValue(
+            f"--output_dataset_dir {output_dir} would replace the input {input_dir}; choose another.")
     # Every check that can fail cheaply runs before any decoding.
     if not args.dry_run:
         require_empty_or_overwrite(output_dir, args.overwrite)
-    sources = frames.find_sources(input_dir)
+    # Subfolders too; the output may lie inside the input.
+    inventory = frames.find_sources(input_dir, exclude=[output_dir] if output_dir else [])
+    sources = inventory.sources
     captions = frames.find_captions(sources, input_dir, args.prompt)
-    stems = frames.output_stems(sources)
+    stems = frames.output_stems(sources, input_dir)
     filters = curation_filters(args)
 
     # A dry run decodes into a scratch folder that is removed; a real one into the staging folder.
@@ -121,7 +128,8 @@ def main(argv=None) -> frames.Report:
         options = frames.Options(str(staging), args.stride, args.max_frames_per_video, args.min_side, filters,
                                  write_frames=not args.dry_run)
         jobs = [(str(source), stems[source]) for source in sources]
-        results, report = frames.extract_all(jobs, options, args.num_workers)
+        results, report = frames.extract_all(jobs, options, args.num_workers, input_dir)
+        report.add_unread(inventory, prompt_given=args.prompt is not None)
         curation.curate_dataset(results, report, filters, staging)
         if args.dry_run:
             logger.info(report.summary(output_dir or "--output_dataset_dir", args.min_side, dry_run=True))
@@ -130,8 +138,9 @@ def main(argv=None) -> frames.Report:
             (name, captions[Path(result.source)]) for result in results for name in result.files
         )
         if not records:
-            raise RuntimeError("No image was written, so no dataset was made.\n" + report.summary(output_dir,
-                                                                                                  args.min_side))
+            logger.info(report.summary(output_dir, args.min_side))
+            raise user_errors.UserError("No image was written, so no dataset was made; the summary above says why "
+                                        "each file was skipped.")
         # metadata.jsonl last: only a folder with every image in it can carry it.
         with open(staging / METADATA_FILE, "w", encoding="utf-8") as f:
             for name, text in records:
@@ -142,4 +151,4 @@ def main(argv=None) -> frames.Report:
 
 
 if __name__ == "__main__":
-    main()
+    user_errors.run(main)

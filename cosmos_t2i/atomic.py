@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .user_errors import ExistingOutput
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
@@ -105,6 +107,6 @@ def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool) -> None
     """Refuse to replace a non-empty folder unless asked to."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder.")
+        raise ExistingOutput(f"{path} exists and is not a folder.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")
+        raise ExistingOutput(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")

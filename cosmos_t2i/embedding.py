@@ -18,7 +18,8 @@ import torch
 
 from . import dataset_format as fmt
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
-from .text_encoding import MAX_LENGTH, encode_captions
+from .text_encoding import MAX_LENGTH, encode_captions, tokens_past_max_length
+from .user_errors import BadValue, MissingInput
 
 # ----------------------------------------------------------------------------------------------------------------
 # Columns
@@ -28,7 +29,7 @@ def require_imagefolder(dataset_dir: str | Path) -> None:
     """Fail early, with the command to run, when `dataset_dir` is not an imagefolder with captions."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir() or not any(p.name.startswith("metadata.") for p in dataset_dir.iterdir()):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{dataset_dir} is not an imagefolder with captions (no {METADATA_FILE}). Make it with `python "
             f"prepare_dataset.py --input_dataset_dir VIDEOS --output_dataset_dir {dataset_dir}`, or import NVIDIA's "
             "layout with --from_nvidia_dir."
@@ -44,7 +45,7 @@ def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_col
     dataset = datasets.load_dataset("imagefolder", data_dir=str(dataset_dir), split="train",
                                     cache_dir=str(cache_dir))
     if caption_column not in dataset.column_names:
-        raise ValueError(
+        raise BadValue(
             f"{dataset_dir} has no {caption_column!r} captions (columns: {', '.join(dataset.column_names)}). "
             f"It needs a {METADATA_FILE} with file_name and {caption_column}, as prepare_dataset.py writes."
         )
@@ -53,7 +54,7 @@ def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_col
     captions = dataset[fmt.TEXT_COLUMN]
     empty = [i for i, c in enumerate(captions) if not isinstance(c, str)]
     if empty:
-        raise ValueError(f"{len(empty)} rows of {dataset_dir} have no caption (rows {empty[:10]}...).")
+        raise BadValue(f"{len(empty)} rows of {dataset_dir} have no caption (rows {empty[:10]}...).")
     return dataset
 
 
@@ -108,6 +109,31 @@ def encoded_t5_rows(captions: list[str], tokenizer, text_encoder, batch_size: in
     return table.select([position[caption] for caption in captions]), len(unique)
 
 
+def truncated_captions(captions: list[str], tokenizer, max_length: int = MAX_LENGTH) -> dict[str, int]:
+    """{caption: tokens it loses} for every distinct caption longer than T5's `max_length` tokens."""
+    unique = list(dict.fromkeys(captions))
+    lost = tokens_past_max_length(tokenizer, unique, max_length)
+    return {caption: n for caption, n in zip(unique, lost) if n}
+
+
+def describe_truncated(truncated: dict[str, int], captions: list[str], stems: list[str],
+                       max_length: int = MAX_LENGTH) -> str:
+    """The warning for `truncated_captions`: each caption (its start), the images that have it (`stems`, aligned
+    with `captions`), and how many tokens it loses."""
+    rows = {caption: [] for caption in truncated}
+    for caption, stem in zip(captions, stems):
+        if caption in rows:
+            rows[caption].append(stem)
+    lines = [f"{len(truncated)} captions are longer than T5's {max_length} tokens and are cut to {max_length}, as "
+             "NVIDIA's encoder cuts them: training never sees their ends. Shorten them to keep every word:"]
+    for caption, lost in sorted(truncated.items(), key=lambda item: -item[1]):
+        start = caption if len(caption) <= 80 else caption[:77] + "..."
+        stems = rows[caption]
+        images = ", ".join(stems[:3]) + (f" and {len(stems) - 3} more" if len(stems) > 3 else "")
+        lines.append(f"  loses {lost} tokens: {start!r} (images {images})")
+    return "\n".join(lines)
+
+
 def latent_rows(dataset, vae, resolutions: dict, batch_size: int, cache_file: str | Path):
     """Columns latents (float16 bytes), latents_shape, bucket for every row: the normalized VAE posterior mean of
     the image resized and center-cropped to its nearest bucket (exactly what training would compute)."""
@@ -160,13 +186,13 @@ def nvidia_pairs(nvidia_dir: str | Path) -> list[tuple[Path, Path]]:
     nvidia_dir = Path(nvidia_dir)
     images_dir, t5_dir = nvidia_dir / "images", nvidia_dir / "t5_xxl"
     if not images_dir.is_dir() or not t5_dir.is_dir():
-        raise FileNotFoundError(f"--from_nvidia_dir {nvidia_dir} needs images/ and t5_xxl/ (NVIDIA's layout).")
+        raise MissingInput(f"--from_nvidia_dir {nvidia_dir} needs images/ and t5_xxl/ (NVIDIA's layout).")
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise FileNotFoundError(f"No images in {images_dir}.")
+        raise MissingInput(f"No images in {images_dir}.")
     missing = [p.name for p in images if not (t5_dir / f"{p.stem}.pickle").is_file()]
     if missing:
-        raise FileNotFoundError(f"No t5_xxl/<stem>.pickle for {len(missing)} images: {', '.join(missing[:20])}.")
+        raise MissingInput(f"No t5_xxl/<stem>.pickle for {len(missing)} images: {', '.join(missing[:20])}.")
     return [(p, t5_dir / f"{p.stem}.pickle") for p in images]
 
 
@@ -210,14 +236,14 @@ def load_nvidia_embedding(path: str | Path) -> np.ndarray:
         try:
             value = _NumpyOnlyUnpickler(f).load()
         except Exception as error:
-            raise ValueError(f"{path} is not a pickled list with one numpy array: {error}") from error
+            raise BadValue(f"{path} is not a pickled list with one numpy array: {error}") from error
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
     array = np.asarray(value)
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2 or array.shape[0] > MAX_LENGTH or not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}; expected float [n<=512, D].")
+        raise BadValue(f"{path} holds a {array.dtype} array of shape {array.shape}; expected float [n<=512, D].")
     return array.astype(np.float16, copy=False)
 
 
@@ -231,7 +257,7 @@ def nvidia_t5_rows(pickles: list[Path], cache_file: str | Path):
         arrays = [load_nvidia_embedding(p) for p in batch["pickle"]]
         for path, array in zip(batch["pickle"], arrays):
             if array.shape[1] != dim:
-                raise ValueError(f"{path} has embedding width {array.shape[1]}; {pickles[0].name} has {dim}.")
+                raise BadValue(f"{path} has embedding width {array.shape[1]}; {pickles[0].name} has {dim}.")
         return {fmt.T5_COLUMN: arrays}
 
     return datasets.Dataset.from_dict({"pickle": [str(p) for p in pickles]}).map(

@@ -1,8 +1,9 @@
 """Videos and images -> the image files of an imagefolder, decoded in parallel, with every failure reported by name.
 
-What goes in: a folder of videos (NVIDIA's `videos/`), images (NVIDIA's `images/`) or both, with captions from one
-`--prompt`, a `.txt` beside each file, or `metas/<stem>.txt`. What comes out: `<video-stem>_f000030.jpg` for frame 30
-of a video, `<image-stem>.jpg|.png` for an image, written by worker processes straight into a staging folder.
+What goes in: a folder of videos (NVIDIA's `videos/`), images (NVIDIA's `images/`) or both, subfolders too
+(input_files.py sorts every file into read or skipped-with-why), with captions from one `--prompt`, a `.txt` beside
+each file, or `metas/`. What comes out: `<video-stem>_f000030.jpg` for frame 30 of a video, `<image-stem>.jpg|.png`
+for an image (stems unique: input_files.unique_stems), written by worker processes straight into a staging folder.
 
 File formats, chosen so that nothing is lost that training could see:
 - Video frames are JPEG quality 95 with 4:4:4 chroma. The frames come out of a lossy 4:2:0 video codec already; at
@@ -18,19 +19,21 @@ Which frames of a video are kept beyond every N-th (scene cuts, blur, near-dupli
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from . import curation
+from . import curation, image_modes, input_files
 from .dataset_format import IMAGE_EXTENSIONS
+from .user_errors import BadValue, MissingInput, UserError
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
 JPEG_QUALITY = 95
@@ -40,65 +43,59 @@ JPEG_QUALITY = 95
 # Finding the inputs and their captions (before any decoding, so a missing caption costs nothing)
 
 
-def find_sources(input_dir: str | os.PathLike) -> list[Path]:
-    """Videos and images directly in `input_dir` and in its `videos/` and `images/` (NVIDIA's layouts), sorted."""
+def find_sources(input_dir: str | os.PathLike, exclude: list[Path] = ()) -> input_files.Inventory:
+    """Every file under `input_dir`, subfolders too: the videos and images to read (sorted), the text files, and
+    what is skipped with the reason (input_files.py). `exclude`: folders not to read (the output, on a rerun)."""
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"--input_dataset_dir {input_dir} is not a folder.")
-    folders = [input_dir] + [input_dir / sub for sub in ("videos", "images") if (input_dir / sub).is_dir()]
+        raise MissingInput(f"--input_dataset_dir {input_dir} is not a folder.")
     extensions = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
-    sources = sorted(
-        path for folder in folders for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in extensions
-    )
-    if not sources:
-        raise FileNotFoundError(
-            f"No videos or images in {input_dir} (looked in {', '.join(str(f) for f in folders)}; extensions "
-            f"{' '.join(sorted(VIDEO_EXTENSIONS | IMAGE_EXTENSIONS))})."
+    inventory = input_files.scan(input_dir, extensions, exclude)
+    if not inventory.sources:
+        others = "; ".join(f"{name}: {why}" for name, why in inventory.skipped[:5])
+        others += f"; and {len(inventory.skipped) - 5} more" if len(inventory.skipped) > 5 else ""
+        raise MissingInput(
+            f"No videos or images under {input_dir} (extensions {' '.join(sorted(extensions))}). Found "
+            f"{len(inventory.texts)} text files and {len(inventory.skipped)} others"
+            + (f" ({others})." if others else ".")
         )
-    return sources
+    return inventory
 
 
 def find_captions(sources: list[Path], input_dir: str | os.PathLike, prompt: str | None) -> dict[Path, str]:
-    """The caption of every source: `prompt`, else `<file>.txt` beside it, else `metas/<stem>.txt`.
+    """The caption of every source: `prompt`, else the first of input_files.caption_candidates: `<file>.txt`
+    beside it, `metas/<its folders>/<stem>.txt`, `metas/<stem>.txt`.
 
     Raises, naming the files, if any source has none (an empty caption file counts as none).
     """
     if prompt is not None:
         if not prompt.strip():
-            raise ValueError("--prompt is empty.")
+            raise BadValue("--prompt is empty.")
         return {source: prompt for source in sources}
-    metas = Path(input_dir) / "metas"
+    input_dir = Path(input_dir)
     captions, missing = {}, []
     for source in sources:
-        for candidate in (source.with_suffix(".txt"), metas / f"{source.stem}.txt"):
-            if candidate.is_file():
-                text = candidate.read_text(encoding="utf-8").strip()
-                if text:
-                    captions[source] = text
-                    break
+        found = input_files.first_caption(source, input_dir)
+        if found is None:
+            missing.append(input_files.relative_name(source, input_dir))
         else:
-            missing.append(source.name)
+            captions[source] = found[1]
     if missing:
         shown = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise FileNotFoundError(
+        raise MissingInput(
             f"No caption for {len(missing)} of {len(sources)} files: {shown}. Give one caption for all with "
-            f"--prompt, or a non-empty .txt with the same name beside each file, or {metas}/<name>.txt."
+            f"--prompt, or a non-empty .txt with the same name beside each file, or {input_dir / 'metas'}/<name>.txt."
         )
     return captions
 
 
-def output_stems(sources: list[Path]) -> dict[Path, str]:
-    """Output name stem per source: its own stem, plus its extension where two videos or two images share a stem
-    (a.mp4 and a.mov would both write a_f000000.jpg; a.jpg and a.jpeg both a.jpg)."""
-    def kind(source: Path) -> str:
-        return "video" if source.suffix.lower() in VIDEO_EXTENSIONS else "image"
-
-    counts: dict[tuple[str, str], int] = {}
-    for source in sources:
-        counts[kind(source), source.stem] = counts.get((kind(source), source.stem), 0) + 1
-    return {s: s.stem if counts[kind(s), s.stem] == 1 else f"{s.stem}_{s.suffix.lower().lstrip('.')}"
-            for s in sources}
+def output_stems(sources: list[Path], input_dir: str | os.PathLike | None = None) -> dict[Path, str]:
+    """Output name stem per source, no two writing one file (input_files.unique_stems): `a` for a.jpg or
+    videos/a.mp4, `cam1__a` for cam1/a.jpg, longer names only where short ones would clash (a.mp4 and a.mov would
+    both write a_f000000.jpg: a_mp4, a_mov). `sources` are taken relative to `input_dir` when given."""
+    relative = {source: source.relative_to(input_dir) if input_dir else source for source in sources}
+    stems = input_files.unique_stems(list(relative.values()), lambda p: p.suffix.lower() in VIDEO_EXTENSIONS)
+    return {source: stems[path] for source, path in relative.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,19 +219,8 @@ def _extract_image(source: str, stem: str, options: Options, result: Result) -> 
             shutil.copyfile(source, out / name)
         else:
             name = f"{stem}.png"
-            _flatten_rgb(ImageOps.exif_transpose(image)).save(out / name, "PNG")
+            image_modes.to_rgb8(ImageOps.exif_transpose(image), opened=image).save(out / name, "PNG")
     result.files.append(name)
-
-
-def _flatten_rgb(image):
-    """RGB, with any transparency composited onto white (training reads RGB; black under alpha is an artefact)."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 @contextlib.contextmanager
@@ -280,11 +266,27 @@ class Report:
     seconds: float = 0.0
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # curation reason -> frames dropped
     scene_cuts: int = 0
+    # Set by add_unread: every other file under the input, so that the summary accounts for all of them.
+    input_dir: str | None = None
+    captions_read: int = 0
+    not_read: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file name, why)
+
+    def add_unread(self, inventory: input_files.Inventory, prompt_given: bool) -> None:
+        """Account for the files of `inventory` that were not decoded: captions used, and the rest with why."""
+        unused = input_files.unused_texts(inventory, prompt_given)
+        self.input_dir = str(inventory.root)
+        self.captions_read = len(inventory.texts) - len(unused)
+        self.not_read = sorted(inventory.skipped + unused)
 
     def summary(self, output_dir, min_side: int = 0, dry_run: bool = False) -> str:
         wrote = "dry run, nothing written; would write" if dry_run else "wrote"
         lines = [f"Read {self.files_read} files in {self.seconds:.1f} s; {wrote} {self.frames_written} images to "
                  f"{output_dir}."]
+        if self.input_dir is not None:
+            counts = [(self.files_read, "read"), (self.captions_read, "captions"), (len(self.skipped), "unreadable"),
+                      (len(self.too_small), "too small"), (len(self.not_read), "not read")]
+            lines.append(f"All {sum(n for n, _ in counts)} entries under {self.input_dir}: "
+                         + ", ".join(f"{n} {what}" for n, what in counts) + ".")
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} unreadable files:")
             lines += [f"  {name}: {why}" for name, why in self.skipped]
@@ -292,28 +294,48 @@ class Report:
             lines.append(f"Skipped {len(self.too_small)} files whose shorter side is under --min_side {min_side}:")
             lines += [f"  {name}: {size}" for name, size in self.too_small]
         lines += curation.summary_lines(self)
+        if self.not_read:
+            lines.append(f"Not read ({len(self.not_read)}):")
+            lines += _grouped(self.not_read)
         return "\n".join(lines)
 
 
-def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int) -> tuple[list[Result], Report]:
-    """Run `extract` on every job with a progress bar: in `num_workers` processes, or in this one if <= 1."""
+def _grouped(entries: list[tuple[str, str]], most: int = 5) -> list[str]:
+    """One line per entry, except that more than `most` entries of one folder with one reason (NVIDIA's t5_xxl/
+    pickles, say) share a line; each entry with its own reason (a broken symlink's target) keeps its line."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, why in entries:
+        groups.setdefault((name.rstrip("/").rpartition("/")[0], why), []).append(name)
+    lines = []
+    for (folder, why), names in sorted(groups.items()):
+        if len(names) > most:
+            lines.append(f"  {folder + '/' if folder else ''}* ({len(names)}: {names[0]} ... {names[-1]}): {why}")
+        else:
+            lines += [f"  {name}: {why}" for name in names]
+    return lines
+
+
+class DecodingWorkerDied(UserError, RuntimeError):
+    """Not the user's mistake, but one they can act on (memory, a file that crashes the decoder): one line."""
+
+    exit_code = 1
+
+
+def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int,
+                input_dir: str | os.PathLike | None = None) -> tuple[list[Result], Report]:
+    """Run `extract` on every job with a progress bar: in `num_workers` processes, or in this one if <= 1.
+
+    Files are named relative to `input_dir` in the report. Raises DecodingWorkerDied, naming the file, if a
+    worker process dies."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    work = functools.partial(extract, options=options)
     results, report = [], Report()
-    with contextlib.ExitStack() as stack:
-        if num_workers > 1 and len(jobs) > 1:
-            # spawn, not fork: the caller may hold torch/OpenCV thread pools, which forking can deadlock.
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))))
-            chunksize = max(1, min(16, len(jobs) // (num_workers * 8)))  # fewer round trips for many small images
-            stream = pool.imap_unordered(work, jobs, chunksize=chunksize)
-        else:
-            stream = map(work, jobs)
-        bar = stack.enter_context(tqdm(total=len(jobs), unit="file", desc="Decoding"))
+    with contextlib.closing(_decoded(jobs, options, num_workers, input_dir)) as stream, \
+            tqdm(total=len(jobs), unit="file", desc="Decoding") as bar:
         for result in stream:
             results.append(result)
-            name = Path(result.source).name
+            name = input_files.relative_name(result.source, input_dir)
             if result.error:
                 report.skipped.append((name, result.error))
             elif result.too_small:
@@ -327,3 +349,46 @@ def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int)
     report.too_small.sort()
     report.seconds = time.perf_counter() - start
     return results, report
+
+
+def _decoded(jobs: list[tuple[str, str]], options: Options, num_workers: int, input_dir):
+    """`extract` of every job, in the order they finish.
+
+    Each worker process is an executor of its own, given one file at a time: when a worker dies (the
+    out-of-memory killer, kill -9, a crash inside a decoder) only its executor breaks (BrokenProcessPool), and the
+    file it had is the one its future holds. (multiprocessing.Pool replaces a dead worker and waits forever for the
+    result of the file it lost.) Leaving early waits for the other workers' current files, so that nothing writes
+    into the output after the caller has removed it.
+    """
+    if num_workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield extract(job, options)
+        return
+    # spawn, not fork: the caller may hold torch/OpenCV thread pools, which forking can deadlock.
+    context = multiprocessing.get_context("spawn")
+    waiting = list(reversed(jobs))  # pop() takes them in order
+    running: dict[concurrent.futures.Future, tuple[concurrent.futures.Executor, tuple[str, str]]] = {}
+
+    def give_next(worker: concurrent.futures.Executor) -> None:
+        if waiting:
+            job = waiting.pop()
+            running[worker.submit(extract, job, options)] = worker, job
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(min(num_workers, len(jobs))):
+            give_next(stack.enter_context(concurrent.futures.ProcessPoolExecutor(1, mp_context=context)))
+        while running:
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                worker, (source, _) = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    raise DecodingWorkerDied(
+                        f"The decoding worker for {input_files.relative_name(source, input_dir)} died: it was killed "
+                        "(by the out-of-memory killer, or kill -9) or crashed inside the decoder. Nothing was "
+                        "written. If memory ran out, retry with fewer --num_workers; if this file crashes the "
+                        "decoder, move it out of the input."
+                    ) from None
+                give_next(worker)
+                yield result

@@ -1,7 +1,8 @@
 """T5 caption embeddings exactly as NVIDIA's Cosmos-Predict2 computes them.
 
-Tokenize padded to 512 with truncation, run the encoder with the attention mask, zero every position at or past
-the real length (which counts `</s>`), keep the first `length` rows. Training zero-pads back to [512, D].
+Tokenize padded to 512 with truncation (a longer caption loses its end, as in NVIDIA's encoder), run the encoder
+with the attention mask, zero every position at or past the real length (which counts `</s>`), keep the first
+`length` rows. Training zero-pads back to [512, D].
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], max_length: in
     hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     lengths = attention_mask.sum(dim=1).tolist()
     return [hidden[i, :n] for i, n in enumerate(lengths)]
+
+
+def tokens_past_max_length(tokenizer, captions: list[str], max_length: int = MAX_LENGTH) -> list[int]:
+    """How many tokens of each caption `encode_captions` cuts off (0 if it fits): its token count with `</s>`,
+    untruncated, minus `max_length` (truncation keeps the first max_length - 1 tokens and appends `</s>`)."""
+    # verbose=False: the tokenizer's own warning about long sequences would name neither caption nor count.
+    lengths = [len(ids) for ids in tokenizer(captions, truncation=False, verbose=False).input_ids]
+    return [max(0, n - max_length) for n in lengths]
 
 
 def pad_embedding(embedding: torch.Tensor, max_length: int = MAX_LENGTH) -> torch.Tensor:

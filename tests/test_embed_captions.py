@@ -1,6 +1,11 @@
 """embed_captions.py: NVIDIA-exact T5 columns, latent cache, NVIDIA-layout import, errors (tiny model, CPU)."""
 
+import json
+import os
 import pickle
+import runpy
+import signal
+import sys
 import types
 from pathlib import Path
 
@@ -13,6 +18,7 @@ from PIL import Image
 import embed_captions
 import prepare_dataset
 from cosmos_t2i import dataset_format as fmt
+from cosmos_t2i import embedding
 from cosmos_t2i.buckets import bucket_pixels
 from cosmos_t2i.models import PRESETS
 from cosmos_t2i.sample_clip import write_sample_clip
@@ -35,7 +41,8 @@ def prepared(tmp_path_factory, tiny_model_dir):
         (source / f"{stem}.txt").write_text(caption)
     dataset_dir = root / "dataset"
     prepare_dataset.main(["--input_dataset_dir", str(source), "--output_dataset_dir", str(dataset_dir),
-                          "--stride", "10", "--num_workers", "0"])
+                          "--stride", "10", "--num_workers", "0",
+                          "--dedup_distance", "-1"])  # the two flat images share a (grey) perceptual hash
     info = embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny", "--cache_latents",
                                 "--batch_size", "2"])
     return dataset_dir, info
@@ -180,3 +187,73 @@ def test_missing_dataset_and_missing_model_are_clear(tmp_path):
     assert not (tmp_path / "nope").exists()
     with pytest.raises(SystemExit):
         embed_captions.parse_args(["--dataset_dir", str(tmp_path)])  # --model is required to encode
+
+
+def _imagefolder(folder, captions):
+    """A hand-made imagefolder: one 64x64 image per caption, `<i>.jpg`."""
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            Image.new("RGB", (64, 64), (10 * i, 100, 200)).save(folder / f"img{i}.jpg")
+            f.write(json.dumps({"file_name": f"img{i}.jpg", "text": caption}) + "\n")
+    return folder
+
+
+def test_captions_over_512_tokens_are_truncated_with_a_warning_naming_them(tmp_path, tiny_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    long = "A teal robot " + " ".join(f"walks past tree number {i}" for i in range(200)) + "."
+    longer = "Another robot " + " ".join(f"rolls over stone {i}" for i in range(300)) + "."
+    lost = {c: len(tokenizer(c).input_ids) - MAX_LENGTH for c in (long, longer)}  # input_ids end with </s>
+    assert all(n > 0 for n in lost.values())
+    dataset_dir = _imagefolder(tmp_path / "ds", ["a short caption", long, longer])
+
+    with caplog.at_level("WARNING", logger="embed_captions"):
+        info = embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny"])
+
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "2 captions are longer than T5's 512 tokens" in warning
+    assert f"loses {lost[long]} tokens: 'A teal robot walks past tree number 0" in warning and "img1" in warning
+    assert f"loses {lost[longer]} tokens: 'Another robot rolls over stone 0" in warning and "img2" in warning
+    assert "a short caption" not in warning
+    assert info["num_truncated_captions"] == 2
+    embedded = fmt.load_embedded_dataset(dataset_dir)
+    assert [np.asarray(t).shape[0] for t in embedded["t5_xxl"]] == [len(tokenizer("a short caption").input_ids),
+                                                                   MAX_LENGTH, MAX_LENGTH]  # cut, as NVIDIA's
+
+
+def test_the_next_run_removes_what_a_killed_run_left_in_the_dataset(tmp_path, tiny_model_dir):
+    """kill -9 in the middle of writing (no `finally` runs), then a normal run: nothing hidden stays behind."""
+    dataset_dir = _imagefolder(tmp_path / "ds", ["one caption", "another caption"])
+    pid = os.fork()
+    if pid == 0:  # the run that is killed once its intermediate files are written
+        try:
+            embedding.join_and_save = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+            embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny"])
+        finally:
+            os._exit(1)  # never reached when killed; never run pytest's teardown in the child
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert [p.name for p in dataset_dir.iterdir() if p.name.startswith(".")]  # the killed run left something
+
+    embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny"])
+
+    assert sorted(p.name for p in dataset_dir.iterdir()) == ["embedded", "img0.jpg", "img1.jpg", "metadata.jsonl"]
+    assert len(fmt.load_embedded_dataset(dataset_dir)) == 2
+
+
+def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    script = Path(embed_captions.__file__)
+    cases = [
+        (["--dataset_dir", str(tmp_path / "nope"), "--model", "tiny"], "prepare_dataset.py"),
+        (["--dataset_dir", str(_imagefolder(tmp_path / "ds", ["x"])), "--model", "no-such-model"], "Unknown model"),
+        (["--dataset_dir", str(tmp_path / "new"), "--from_nvidia_dir", str(tmp_path / "nvidia")],
+         "images/ and t5_xxl/"),
+    ]
+    for argv, fix in cases:
+        monkeypatch.setattr(sys, "argv", [str(script), *argv])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(script), run_name="__main__")
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err

@@ -1,9 +1,16 @@
 """prepare_dataset.py: videos/images -> imagefolder; bad files reported and skipped; nothing half-written."""
 
 import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -158,3 +165,179 @@ def test_a_run_that_died_mid_swap_gets_its_previous_output_back(tmp_path):
             raise RuntimeError("this run fails too")
     assert (target / "metadata.jsonl").read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def _files_under(folder):
+    """Every entry under `folder` as prepare_dataset counts them: files, symlinks, and hidden folders as one."""
+    entries = []
+    for path in sorted(Path(folder).rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
+            continue  # inside a hidden folder: counted as that folder
+        if path.name.startswith(".") and path.is_dir():
+            entries.append(path)
+        elif path.is_symlink() or path.is_file():
+            entries.append(path)
+    return entries
+
+
+def test_subfolders_are_read_with_their_captions_and_every_file_is_accounted_for(tmp_path):
+    source = tmp_path / "in"
+    for folder in ("cam1", "cam2", "images/cam3", "metas/cam3", ".git"):
+        (source / folder).mkdir(parents=True)
+    _jpeg(source / "cam1" / "a.jpg", color=(200, 0, 0))
+    (source / "cam1" / "a.txt").write_text("left camera")  # beside the file, as at the top level
+    _jpeg(source / "cam2" / "a.jpg", color=(0, 0, 200))
+    (source / "cam2" / "a.txt").write_text("right camera")
+    _jpeg(source / "images" / "cam3" / "b.jpg")
+    (source / "metas" / "cam3" / "b.txt").write_text("third camera")  # NVIDIA's metas/, mirroring the folders
+    _clip(source / "cam1" / "walk.mp4", num_frames=3)
+    (source / "metas" / "walk.txt").write_text("walking")  # NVIDIA's flat metas/<stem>.txt
+    (source / "notes.md").write_text("not an image")
+    (source / "stray.txt").write_text("no image of this name")
+    (source / ".DS_Store").write_bytes(b"")
+    (source / ".git" / "config").write_text("")
+    (source / "cam2" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (source / "cam2" / "empty.jpg").write_bytes(b"")
+    (source / "cam2" / "empty.txt").write_text("an empty image")
+
+    report = _prepare(source, tmp_path / "out", "--stride", "2", "--no_curation")  # flat test images all share one hash
+
+    rows = {r["file_name"]: r["text"] for r in _metadata(tmp_path / "out")}
+    assert rows == {"cam1__a.jpg": "left camera", "cam2__a.jpg": "right camera", "cam3__b.jpg": "third camera",
+                    "cam1__walk_f000000.jpg": "walking", "cam1__walk_f000002.jpg": "walking"}
+    assert (tmp_path / "out" / "cam2__a.jpg").read_bytes() == (source / "cam2" / "a.jpg").read_bytes()
+    assert (report.files_read, report.frames_written) == (4, 5)
+    assert [name for name, _ in report.skipped] == ["cam2/empty.jpg"]
+    assert report.not_read == [
+        (".DS_Store", "hidden file"), (".git/", "hidden folder"),
+        ("cam2/gone.jpg", f"broken symlink (-> {tmp_path / 'deleted.jpg'})"),
+        ("notes.md", "unsupported extension (.md)"), ("stray.txt", "no video or image has this caption's name"),
+    ]
+    assert report.captions_read == 5  # a.txt twice, cam3/b.txt, walk.txt, empty.txt
+    # Every file under the input is in exactly one count, and the summary names every one not written.
+    entries = len(_files_under(source))
+    assert entries == report.files_read + report.captions_read + len(report.skipped) + len(report.not_read) == 15
+    summary = report.summary(tmp_path / "out")
+    assert f"All {entries} entries under {source}" in summary
+    assert all(name in summary for name, _ in report.not_read + report.skipped)
+    assert "cam2/gone.jpg: broken symlink" in summary
+
+    # Output inside the input, on a rerun: the output folder is not read as input.
+    _prepare(source, source / "prepared", "--stride", "2", "--no_curation")
+    report = _prepare(source, source / "prepared", "--stride", "2", "--overwrite", "--no_curation")
+    assert ("prepared/", "the output folder") in report.not_read
+    assert sorted(r["file_name"] for r in _metadata(source / "prepared")) == sorted(rows)
+
+
+def test_no_two_inputs_share_an_output_name(tmp_path):
+    source = tmp_path / "in"
+    (source / "images").mkdir(parents=True)
+    (source / "cam1").mkdir()
+    stills = ["a.jpg", "images/a.jpg", "cam1/a.jpg", "cam1__a.jpg", "clip_f000000.jpg", "A.png"]
+    for i, name in enumerate(stills):
+        _jpeg(source / name, color=(40 * i, 255 - 40 * i, 7 * i))
+    _clip(source / "clip.mp4", num_frames=3)
+
+    report = _prepare(source, tmp_path / "out", "--prompt", PROMPT, "--stride", "2", "--no_curation")  # flat test images all share one hash
+
+    names = [r["file_name"] for r in _metadata(tmp_path / "out")]
+    assert len(names) == len({n.casefold() for n in names}) == len(stills) + 2 == report.frames_written
+    written = {n: np.asarray(Image.open(tmp_path / "out" / n).convert("RGB"))[0, 0] for n in names}
+    for name in stills:  # each still is in the dataset, as its own file
+        colour = np.asarray(Image.open(source / name).convert("RGB"))[0, 0]
+        assert sum(np.abs(pixel.astype(int) - colour).max() <= 2 for pixel in written.values()) == 1, name
+    assert sum(n.endswith(("_f000000.jpg", "_f000002.jpg")) and "clip" in n for n in names) >= 2
+
+
+def test_output_names_are_unique_by_construction_and_flat_layouts_keep_theirs():
+    is_video = lambda p: p.suffix in (".mp4", ".mov")  # noqa: E731
+    paths = [Path(p) for p in (
+        "a.jpg", "a.png", "A.jpg", "a.mp4", "a.mov", "images/a.jpg", "videos/a.mp4", "cam1/a.jpg", "cam1__a.jpg",
+        "cam1__a_jpg.jpg", "cam1/a_jpg.jpg", "clip.mp4", "clip_f000000.jpg", "clip_mp4_f000000.png",
+        "clip_mp4_f1234567.jpg", "x_jpg_3.jpg", "x.jpg", "x.jpeg", "x_jpg.png")]
+    stems = frames.output_stems(paths)
+
+    def writes(path, stem):  # the names `extract` can give this input's files
+        return [f"{stem}_f{i:06d}.jpg" for i in (0, 1234567)] if is_video(path) else [f"{stem}.jpg", f"{stem}.png"]
+
+    claimed = [name.casefold() for path in paths for name in writes(path, stems[path])]
+    assert len(claimed) == len(set(claimed))
+    flat = [Path(p) for p in ("videos/robot.mp4", "images/photo.jpg", "metas_free.png", "clip.mov")]
+    assert frames.output_stems(flat) == {p: p.stem for p in flat}
+
+
+def _children(pid):
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat: the parent's pid
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _kill_the_process_reading(parent, file_name, timeout=120):
+    """SIGKILL the child of `parent` that has `file_name` open (what the OOM killer does); its pid."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in _children(parent):
+            try:
+                opened = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+            except OSError:
+                continue
+            if any(path.endswith(file_name) for path in opened):
+                os.kill(child, signal.SIGKILL)
+                return child
+        time.sleep(0.005)
+    pytest.fail(f"no worker of {parent} opened {file_name}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
+def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "still.jpg")
+    # 150 frames at stride 1: the worker holds the video open for a second or more, long enough to be found.
+    write_sample_clip(source / "long.mp4", num_frames=150, width=320, height=240)
+    script = Path(prepare_dataset.__file__)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
+         str(tmp_path / "out"), "--prompt", PROMPT, "--stride", "1", "--num_workers", "2"],
+        cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _kill_the_process_reading(process.pid, "long.mp4")
+        _, stderr = process.communicate(timeout=60)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)  # multiprocessing.Pool waits forever for the lost file
+        process.communicate()
+        raise
+
+    assert process.returncode == 1, stderr
+    assert "error: The decoding worker for long.mp4 died" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
+
+
+def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    script = Path(prepare_dataset.__file__)
+    _jpeg((tmp_path / "in").mkdir() or tmp_path / "in" / "uncaptioned.jpg")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("")
+    cases = [
+        (["--input_dataset_dir", str(tmp_path / "nope"), "--output_dataset_dir", str(tmp_path / "o")], "not a folder"),
+        (["--input_dataset_dir", str(tmp_path / "in"), "--output_dataset_dir", str(tmp_path / "o")],
+         "No caption for 1 of 1 files: uncaptioned.jpg"),
+        (["--input_dataset_dir", str(tmp_path / "in"), "--output_dataset_dir", str(tmp_path / "full"), "--prompt",
+          "x"], "--overwrite"),
+        (["--input_dataset_dir", str(tmp_path / "in"), "--output_dataset_dir", str(tmp_path / "o"), "--prompt", " "],
+         "--prompt is empty"),
+        (["--input_dataset_dir", str(tmp_path / "in"), "--output_dataset_dir", str(tmp_path)], "would replace"),
+    ]
+    for argv, fix in cases:
+        monkeypatch.setattr(sys, "argv", [str(script), *argv])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(script), run_name="__main__")
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err, err
+        assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "in"]

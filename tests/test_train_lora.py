@@ -5,7 +5,6 @@ import torch
 from safetensors import safe_open
 from train_helpers import make_dataset, pattern_image, train
 
-import train_text2image
 from cosmos_t2i.lora import WEIGHT_NAME
 from cosmos_t2i.methods import LoraFineTune
 

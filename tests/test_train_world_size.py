@@ -18,7 +18,6 @@ import torch
 from record_batches import recording
 from train_helpers import assert_same_training, train, two_bucket_dataset, weights
 
-import train_text2image
 from cosmos_t2i.methods import FullFineTune, LoraFineTune
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i.recipe import config_differences, distribution_change_refused, linear_decay

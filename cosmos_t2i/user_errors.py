@@ -1,0 +1,46 @@
+"""A user's mistake ends a script with one line, `error: ...` saying the fix, and exit code 2; no traceback.
+
+Tracebacks stay for bugs, and for `--debug`. What counts as the user's: a `UserError` (raised where the check is
+made, as a subclass of the built-in error it stands for, so callers catching FileNotFoundError etc. still do), and
+the file-system errors about a path the user gave (missing, existing, not permitted), whose messages name it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    exit_code = 2
+
+
+class MissingInput(UserError, FileNotFoundError):
+    pass
+
+
+class ExistingOutput(UserError, FileExistsError):
+    pass
+
+
+class BadValue(UserError, ValueError):
+    pass
+
+
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the full traceback of an error, not just its one-line message.")
+
+
+def run(main) -> None:
+    """Call `main()` (which parses sys.argv); a user error becomes `error: ...` on stderr and its exit code."""
+    try:
+        main()
+    except USER_ERRORS as error:
+        if "--debug" in sys.argv[1:]:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 2))
