@@ -38,6 +38,8 @@ TRANSFORMER_CONFIG = dict(
 )
 # NVIDIA's aspect ratios at 1/16 of the size (multiples of 16), so CPU runs take seconds.
 RESOLUTIONS = {"16:9": (96, 48), "1:1": (64, 64), "4:3": (80, 64), "3:4": (64, 80), "9:16": (48, 96)}
+VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                  temperal_downsample=[False, True, True])
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
 
@@ -93,8 +95,7 @@ def build_tiny_pipeline(path: str | os.PathLike) -> Path:
     torch.manual_seed(0)
     transformer = CosmosTransformer3DModel(**TRANSFORMER_CONFIG)
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(**VAE_CONFIG)
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **T5))
     scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
