@@ -43,12 +43,17 @@ VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
 
-def default_tiny_dir() -> Path:
-    """Where the tiny pipeline is saved once and reused: $COSMOS_T2I_TINY_DIR or the user cache."""
-    env = os.environ.get("COSMOS_T2I_TINY_DIR")
+def tiny_cache_dir(env_var: str, name: str) -> Path:
+    """Where a tiny model is saved once and reused: $`env_var`, else `name` in the user cache."""
+    env = os.environ.get(env_var)
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cosmos_t2i" / "tiny-pipeline"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cosmos_t2i" / name
+
+
+def default_tiny_dir() -> Path:
+    """Where the tiny pipeline is saved once and reused: $COSMOS_T2I_TINY_DIR or the user cache."""
+    return tiny_cache_dir("COSMOS_T2I_TINY_DIR", "tiny-pipeline")
 
 
 def tiny_pipeline_dir() -> Path:

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .tiny_pipeline import tiny_cache_dir
+
 # Qwen's special tokens, by the names Qwen3VLProcessor looks for.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -30,10 +32,7 @@ CHAT_TEMPLATE = (
 
 def default_tiny_vlm_dir() -> Path:
     """Where the tiny VLM is saved once and reused: $COSMOS_T2I_TINY_VLM_DIR or the user cache."""
-    env = os.environ.get("COSMOS_T2I_TINY_VLM_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cosmos_t2i" / "tiny-vlm"
+    return tiny_cache_dir("COSMOS_T2I_TINY_VLM_DIR", "tiny-vlm")
 
 
 def tiny_vlm_path() -> str:
