@@ -30,7 +30,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i import hub, speed
+from cosmos_t2i import hub, memory, speed
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
@@ -53,6 +53,10 @@ def parse_args(argv=None):
     model.add_argument("--lora", action="store_true", help="Train LoRA adapters instead of the whole transformer.")
     model.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16, NVIDIA's). Needs --lora.")
     model.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default 16). Needs --lora.")
+    model.add_argument("--fp8_base", action="store_true", help="With --lora: store the frozen base's block Linear "
+                       "weights in float8 e4m3 with one scale per output channel, dequantised layer by layer: about "
+                       "half the weight memory (14B: 28 -> 14 GB) for a small accuracy cost measured in BENCHMARKS.md. "
+                       "The saved LoRA is an ordinary one for the bf16 base.")
     model.add_argument("--random_init", action="store_true", help="Random weights of the model's architecture "
                        "instead of its trained ones: nothing to download for 2B/14B (benchmarks, tests).")
 
@@ -144,6 +148,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.lora and (args.rank is not None or args.lora_alpha is not None):
         raise ValueError("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full fine-tune.")
+    if args.fp8_base and not args.lora:
+        raise ValueError("--fp8_base stores the frozen base of a LoRA run in fp8: add --lora (a full fine-tune "
+                         "trains every weight, and keeps fp32 master weights).")
     if args.lora:  # NVIDIA's LoRA shape for every model, preset or not
         args.rank = LORA_RANK if args.rank is None else args.rank
         args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
@@ -188,6 +195,12 @@ def _parse_size(text: str) -> list[int]:
 
 
 def main(args):
+    """Train; a CUDA out-of-memory error ends with the flags that lower memory (cosmos_t2i/memory.py)."""
+    with memory.explain_out_of_memory(None, memory.training_advice(args), "training"):
+        return _train(args)
+
+
+def _train(args):
     # Everything that can be wrong with the inputs is checked before any weights are loaded.
     model = resolve_model(args.model)
     method = training_method(args)
@@ -297,6 +310,7 @@ def main(args):
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainable = [p for p in transformer.parameters() if p.requires_grad]  # after prepare: FSDP swaps them
     ema = PowerEMA(accelerator.unwrap_model(transformer).named_parameters(), args.ema_sigma_rel) if args.ema else None
+    memory.reset_peak(device)  # the reported peak is training's, not the model build's (e.g. a 14B loaded and cast)
     # Where gradients are whole tensors, fused AdamW applies the clip as it reads them: one pass less per step.
     clip_in_step = accelerator.distributed_type != DistributedType.FSDP and not _deepspeed(accelerator) \
         and accelerator.scaler is None
@@ -467,10 +481,11 @@ def _report_speed(step_seconds: list[float], samples_per_step: int, device) -> N
     timed = step_seconds[3:] or step_seconds
     if not timed:
         return
-    memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" \
-        if device.type == "cuda" else ""
+    peak = memory.peak(device)
+    used = "" if peak is None else f"; peak GPU memory while training {memory.gib(peak)} of " \
+        f"{memory.gib(torch.cuda.get_device_properties(device).total_memory)}"
     logger.info("Throughput: %.3f samples/s, %.1f ms/step over %d steps%s",
-                samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), memory)
+                samples_per_step * len(timed) / sum(timed), 1000 * sum(timed) / len(timed), len(timed), used)
 
 
 def _deepspeed(accelerator) -> bool:

@@ -131,12 +131,22 @@ def quantize_transformer_blocks(transformer) -> int:
         if _is_exact_gelu_feed_forward(block.ff):
             block.ff = Float8GeluFeedForward(block.ff)
             count += 2
-        for name, module in list(block.named_modules()):
-            if type(module) is not nn.Linear or name.startswith(_PER_IMAGE_LAYERS):
-                continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent_name) if parent_name else block, child, Float8Linear(module))
-            count += 1
+        count += replace_token_wise_linears(block, Float8Linear)
+    return count
+
+
+def replace_token_wise_linears(block: nn.Module, make) -> int:
+    """Replace each plain nn.Linear of `block` outside the adaLN modulation by `make(linear)`; returns how many.
+
+    A LoRA layer's base layer (peft's `lora.Linear.base_layer`) is such a Linear too: it is replaced under the
+    adapter, which keeps working on top of it; the adapter's own lora_A / lora_B Linears are left alone."""
+    count = 0
+    for name, module in list(block.named_modules()):
+        if type(module) is not nn.Linear or name.startswith(_PER_IMAGE_LAYERS) or ".lora_" in f".{name}":
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent_name) if parent_name else block, child, make(module))
+        count += 1
     return count
 
 

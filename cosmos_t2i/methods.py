@@ -26,7 +26,8 @@ from safetensors import safe_open
 from .checkpoint import EMA, MODEL
 from .ema import PowerEMA
 from .lora import lora_config, read_lora, save_lora
-from .models import Preset, dtype_named, load_base_transformer
+from .fp8_base import store_blocks_in_fp8
+from .models import Preset, dtype_named, load_base_transformer, random_transformer
 
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 
@@ -79,8 +80,7 @@ class FullFineTune(_Method):
         if checkpoint is not None:
             return CosmosTransformer3DModel.from_pretrained(checkpoint / MODEL, dtype=torch.float32)
         if random_init:
-            with torch.device(device):
-                return CosmosTransformer3DModel.from_config(config).to(torch.float32)
+            return random_transformer(config, torch.float32, device)
         return load_base_transformer(model, torch.float32)
 
     def write(self, directory: Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
@@ -111,8 +111,8 @@ The EMA weights are in `ema/` (same format, `subfolder="ema"`)."""
 class LoraFineTune(_Method):
     name, label, frozen_base = "lora", "LoRA", True
 
-    def __init__(self, rank: int, alpha: int, frozen_dtype: torch.dtype = torch.bfloat16):
-        self.rank, self.alpha, self.frozen_dtype = rank, alpha, frozen_dtype
+    def __init__(self, rank: int, alpha: int, frozen_dtype: torch.dtype = torch.bfloat16, fp8_base: bool = False):
+        self.rank, self.alpha, self.frozen_dtype, self.fp8_base = rank, alpha, frozen_dtype, fp8_base
 
     def default_learning_rate(self, preset: Preset) -> float:
         return preset.lora_learning_rate
@@ -122,11 +122,12 @@ class LoraFineTune(_Method):
 
     def build(self, model, config: dict, *, random_init: bool, device, checkpoint: Path | None = None,
               weights_arrive_later: bool = False):
-        """The frozen base in `frozen_dtype` with fp32 adapters (B = 0), resumed from `checkpoint` when given.
-        Every process loads the base itself (it is small next to a full fine-tune's fp32 state)."""
+        """The frozen base in `frozen_dtype` (its blocks' Linear weights in fp8 with `fp8_base`) with fp32 adapters
+        (B = 0), resumed from `checkpoint` when given. Every process loads the base itself (it is small next to a
+        full fine-tune's fp32 state). An fp8 base is built on the CPU and moved to `device` block by block as it is
+        quantized, so the GPU never holds it in bf16."""
         if random_init:
-            with torch.device(device):
-                transformer = CosmosTransformer3DModel.from_config(config).to(self.frozen_dtype)
+            transformer = random_transformer(config, self.frozen_dtype, "cpu" if self.fp8_base else device)
         else:
             transformer = load_base_transformer(model, self.frozen_dtype)
         transformer.requires_grad_(False)
@@ -134,6 +135,8 @@ class LoraFineTune(_Method):
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+        if self.fp8_base:
+            store_blocks_in_fp8(transformer, device, self.frozen_dtype)
         if checkpoint is not None:
             _load_trainable(transformer, self.read(checkpoint / MODEL))
         return transformer
@@ -145,7 +148,8 @@ class LoraFineTune(_Method):
         return read_lora(directory).parameters()
 
     def summary(self, config: dict) -> str:
-        return f"LoRA rank {config['rank']}, alpha {config['lora_alpha']}"
+        base = ", trained on an fp8-stored base (--fp8_base)" if config.get("fp8_base") else ""
+        return f"LoRA rank {config['rank']}, alpha {config['lora_alpha']}{base}"
 
     def card_usage(self, repo_id: str, base_model: str, prompt: str) -> str:
         return f"""```python
@@ -160,10 +164,11 @@ The EMA of the adapter is in `ema/` (same format, `subfolder="ema"`)."""
 
 
 def training_method(args) -> FullFineTune | LoraFineTune:
-    """The method the trainer's flags ask for (`--lora`, `--rank`, `--lora_alpha`; the base in the compute dtype)."""
+    """The method the trainer's flags ask for (`--lora`, `--rank`, `--lora_alpha`, `--fp8_base`; the base in the
+    compute dtype)."""
     if not args.lora:
         return FullFineTune()
-    return LoraFineTune(args.rank, args.lora_alpha, dtype_named(args.mixed_precision))
+    return LoraFineTune(args.rank, args.lora_alpha, dtype_named(args.mixed_precision), args.fp8_base)
 
 
 @torch.no_grad()

@@ -198,6 +198,20 @@ def load_base_transformer(model: Model | str, dtype) -> CosmosTransformer3DModel
         return CosmosTransformer3DModel.from_pretrained(model.path, subfolder="transformer", dtype=dtype)
 
 
+def random_transformer(config: dict, dtype: torch.dtype, device) -> CosmosTransformer3DModel:
+    """A transformer of `config`'s architecture with random weights, built directly in `dtype` on `device`.
+
+    Built in fp32 and cast, a 14B model would take 56 GB (twice its bf16 size) on the way: the memory a 24 GB card
+    lacks, and the peak the trainer then reported."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return CosmosTransformer3DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def load_text_encoder(model: Model | str, device, dtype):
     """Only the tokenizer and T5 encoder of the pipeline (T5-XXL's encoder alone is ~9 GiB in bf16)."""
     model = as_model(model)

@@ -1,0 +1,87 @@
+"""GPU memory: an out-of-memory error becomes one message with the flags that lower memory, cheapest first; and the
+peak memory of a phase, measured from the phase's start.
+
+The advice lists only what the run does not use yet, in the order of what each costs: a smaller batch (none, but it
+changes the recipe), activation checkpointing (recompute), an fp8 base (LoRA: accuracy, measured), offloading
+(host-to-GPU copies). BENCHMARKS.md has each one's price.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .user_errors import UserError
+
+
+class OutOfMemory(UserError, RuntimeError):
+    """A CUDA out-of-memory error, told as what to change."""
+
+
+def gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def reset_peak(device) -> None:
+    """Start measuring a phase's peak here (e.g. training, once the model is built and moved)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+
+
+def training_advice(args) -> list[str]:
+    """The trainer's flags that would lower its memory, cheapest first, given what `args` already uses."""
+    advice = []
+    if args.train_batch_size > 1:
+        advice.append(f"a smaller --train_batch_size (now {args.train_batch_size}; raise "
+                      "--gradient_accumulation_steps to keep the effective batch)")
+    if args.gradient_checkpointing < 1.0:
+        advice.append("--gradient_checkpointing" + (f" (now {args.gradient_checkpointing:g} of the blocks)"
+                                                    if args.gradient_checkpointing else ""))
+    if args.lora and not args.fp8_base:
+        advice.append("--fp8_base (the frozen base's Linear weights in fp8: about half the weight memory)")
+    if not args.lora:
+        advice.append("--lora (adapters instead of the whole transformer), or the optimizer state and weights in host "
+                      "memory: accelerate launch --config_file accelerate_configs/fsdp2_offload.yaml")
+    return advice
+
+
+def sampling_advice(args) -> list[str]:
+    """infer_text2image.py's flags that would lower its memory, cheapest first."""
+    advice = []
+    if getattr(args, "text_encoder_device", "cpu") != "cpu":
+        advice.append("--text_encoder_device cpu (T5 encodes the prompts on the CPU)")
+    if not args.fp8:
+        advice.append("--fp8 (the transformer blocks' weights in fp8)")
+    if not getattr(args, "offload", False):
+        advice.append("--offload (weights stay in host memory and stream to the GPU block by block)")
+    return advice
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(device, advice: list[str], what: str):
+    """Turn a CUDA out-of-memory error inside the block into OutOfMemory: the peak, the GPU's size, the advice."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemory(out_of_memory_message(device, advice, what)) from error
+
+
+def out_of_memory_message(device, advice: list[str], what: str) -> str:
+    """`device` None: the current CUDA device (the error came before the run knew its device)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        where = f"{gib(torch.cuda.max_memory_allocated(device))} at the peak, on a {gib(total)} " \
+                f"{torch.cuda.get_device_name(device)}"
+    else:
+        where = f"on {device}"
+    fix = ("; to lower it, cheapest first: " + "; ".join(advice)) if advice else \
+        "; every memory-saving flag is already on: use a GPU with more memory"
+    return f"out of GPU memory while {what} ({where}){fix}."
