@@ -31,10 +31,11 @@ from cosmos_t2i.atomic import atomic_output
 from cosmos_t2i.cuda_graphs import GraphedTransformer
 from cosmos_t2i.checkpoint_paths import loras_to_apply, resolve_checkpoint
 from cosmos_t2i.lora import expand_scales
-from cosmos_t2i.pipeline import NoGuardrail, fine_tuned_transformer, load_pipeline
-from cosmos_t2i import fp8, speed
+from cosmos_t2i.pipeline import NoGuardrail, fine_tuned_transformer, load_pipeline, place_for_sampling
+from cosmos_t2i import fp8, memory, speed
 from cosmos_t2i.models import ASPECT_RATIOS, DTYPES, resolve_model
 from cosmos_t2i.sampling import SAMPLERS, generate, uses_unconditional_pass
+from cosmos_t2i.text_encoding import encode_prompts
 
 DEFAULT_MODEL = "2B"  # NVIDIA's default --model_size
 UNSAFE_TEXT = "Cosmos Guardrail detected unsafe text"  # the pipeline's ValueError for a prompt the guardrail refuses
@@ -91,6 +92,16 @@ def parse_args(argv=None):
                            "bf16 (BENCHMARKS.md). Needs a GPU with fp8 tensor cores (compute capability 8.9+); LoRAs "
                            "are fused first (--fuse_lora implied).")
 
+    low = parser.add_argument_group("memory (BENCHMARKS.md: what fits on which GPU)")
+    low.add_argument("--text_encoder_device", default=None,
+                     help="Where T5-XXL (9 GiB in bf16) encodes the prompts, before the transformer is loaded and "
+                          "after which it is freed. Default: the sampling device; 'cpu' keeps it off the GPU "
+                          "altogether (slower; its rounding differs from the GPU's).")
+    low.add_argument("--offload", action="store_true",
+                     help="Keep the transformer's weights in host memory and stream them to the GPU block by block, "
+                          "copies overlapped with compute (for 12-16 GB cards; slower: BENCHMARKS.md). Turns off "
+                          "compilation and the CUDA graph.")
+
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prompt", default=None)
     gen.add_argument("--negative_prompt", default="",
@@ -120,6 +131,8 @@ def parse_args(argv=None):
         parser.error("give exactly one of --prompt and --batch_input_json")
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
+    if args.offload and args.compile == "on":
+        parser.error("--offload streams weights with hooks that run on every call: use --compile off or auto")
     if args.guidance and not uses_unconditional_pass(args.guidance, args.sampler):
         # The pipeline skips the unconditional pass for guidance_scale <= 1, where NVIDIA's c + g(c - u) still uses it.
         parser.error("--guidance in (0, 1] is not NVIDIA's guidance in diffusers' pipeline; use 0 (off), > 1, or "
@@ -220,11 +233,19 @@ def reproduce_command(args, model: str, request: Request, scales: list[float], c
     for flag in ("trust_checkpoint", "fuse_lora", "disable_guardrail", "no_batched_cfg", "stock_vae", "fp8"):
         if getattr(args, flag):
             cmd.append(f"--{flag}")
+    if args.text_encoder_device == "cpu":  # the CPU's T5 rounds differently
+        cmd += ["--text_encoder_device", "cpu"]
     cmd += ["--compile", "on" if compiled else "off"]
     return shlex.join(cmd)
 
 
 def main(args):
+    """Sample; a CUDA out-of-memory error ends with the flags that lower memory (cosmos_t2i/memory.py)."""
+    with memory.explain_out_of_memory(None, memory.sampling_advice(args), "sampling"):
+        _sample(args)
+
+
+def _sample(args):
     import diffusers
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -239,23 +260,30 @@ def main(args):
     dtype = DTYPES[args.dtype]
     if args.fp8:  # before any model is loaded
         fp8.require_fp8_matmuls(state.device, dtype)
+    with state.split_between_processes(requests) as mine:
+        mine = list(mine)
     fuse_lora = args.fuse_lora or args.fp8  # an unfused adapter layer would stay out of fp8
-    transformer = fine_tuned_transformer(model, dit, loras, scales, dtype, state.device, fuse_lora,
-                                         args.nvidia_lora_alpha, args.trust_checkpoint)
+    # Loaded (and checked against --model) in host memory, then T5 encodes the prompts and is freed, and only then
+    # does the transformer reach the GPU: the GPU holds one of the two, never both.
+    transformer = fine_tuned_transformer(model, dit, loras, scales, dtype, "cpu", fuse_lora, args.nvidia_lora_alpha,
+                                         args.trust_checkpoint)
+    texts = sorted({r.prompt for r in mine} | {r.negative_prompt for r in mine if r.negative_prompt})
+    embeddings = dict(zip(texts, encode_prompts(model, texts, args.text_encoder_device or state.device, dtype))) \
+        if texts else {}
+    place_for_sampling(transformer, state.device, fp8=args.fp8, offload=args.offload)
     pipe = load_pipeline(model, state.device, dtype, transformer=transformer, disable_guardrail=args.disable_guardrail,
-                         offload_guardrail=args.offload_guardrail, stock_vae=args.stock_vae)
+                         offload_guardrail=args.offload_guardrail, load_text_encoder=False, stock_vae=args.stock_vae)
     # The per-step bar is useful for one image; for a list, one bar over the images says more.
     pipe.set_progress_bar_config(disable=len(requests) > 1)
     on_gpu = state.device.type == "cuda"
     batched_cfg = on_gpu and not args.no_batched_cfg
-    images_here = -(-len(requests) // state.num_processes)
-    compiled = args.compile == "on" or (args.compile == "auto" and on_gpu and images_here >= COMPILE_AUTO_MIN_IMAGES)
+    compiled = not args.offload and (args.compile == "on" or (
+        args.compile == "auto" and on_gpu and len(mine) >= COMPILE_AUTO_MIN_IMAGES))
     if args.fp8:
-        fp8.quantize_transformer_blocks(pipe.transformer)
         fp8.deduplicate_compiled_computations()
     if compiled:
         speed.compile_transformer_blocks(pipe.transformer, multi_kernel=True)
-    cuda_graph = on_gpu and not args.no_cuda_graph
+    cuda_graph = on_gpu and not args.no_cuda_graph and not args.offload
     denoiser = GraphedTransformer(pipe.transformer) if cuda_graph else None
 
     record = {
@@ -273,27 +301,33 @@ def main(args):
         "batched_cfg": batched_cfg,
         "compiled": compiled,
         "cuda_graph": cuda_graph,
+        "offload": args.offload,
+        "text_encoder_device": str(args.text_encoder_device or state.device),
         "guardrail": not isinstance(pipe.safety_checker, NoGuardrail),
         "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
     }
-    with state.split_between_processes(requests) as mine:
-        bar = tqdm(mine, desc=f"images (process {state.process_index + 1}/{state.num_processes})",
-                   disable=len(requests) == 1, position=state.process_index)
-        for request in bar:
-            try:
-                image = generate(pipe, request.prompt, request.negative_prompt, request.height, request.width,
-                                 args.num_steps, args.guidance, request.seed, batched_cfg, denoiser, args.sampler)
-            except ValueError as error:
-                if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
-                    raise
-                bar.write(f"skipped {request.output}: the guardrail refused its prompt")  # as NVIDIA's script does
-                continue
-            save_image(image, request.output)
-            sidecar = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
-                           width=request.width, height=request.height, aspect_ratio=request.aspect_ratio, **record,
-                           command=reproduce_command(args, model.name, request, scales, compiled))
-            with atomic_output(request.output.with_suffix(".json")) as tmp:
-                tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    bar = tqdm(mine, desc=f"images (process {state.process_index + 1}/{state.num_processes})",
+               disable=len(requests) == 1, position=state.process_index)
+    for request in bar:
+        negative = embeddings[request.negative_prompt][None] if request.negative_prompt else None
+        try:
+            image = generate(pipe, request.prompt, request.negative_prompt, request.height, request.width,
+                             args.num_steps, args.guidance, request.seed, batched_cfg, denoiser, args.sampler,
+                             prompt_embeds=embeddings[request.prompt][None], negative_prompt_embeds=negative)
+        except ValueError as error:
+            if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
+                raise
+            bar.write(f"skipped {request.output}: the guardrail refused its prompt")  # as NVIDIA's script does
+            continue
+        save_image(image, request.output)
+        sidecar = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, seed=request.seed,
+                       width=request.width, height=request.height, aspect_ratio=request.aspect_ratio, **record,
+                       command=reproduce_command(args, model.name, request, scales, compiled))
+        with atomic_output(request.output.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    peak = memory.peak(state.device)
+    if peak is not None:
+        print(f"peak GPU memory {memory.gib(peak)} (text encoding included), process {state.process_index}")
     state.wait_for_everyone()
 
 

@@ -40,7 +40,8 @@ from cosmos_t2i.methods import training_method
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.fidelity import default_metric_models
-from cosmos_t2i.validation import ValidationMetrics, Validator, encode_prompts
+from cosmos_t2i.text_encoding import encode_prompts
+from cosmos_t2i.validation import ValidationMetrics, Validator
 
 logger = get_logger("train_text2image")  # logs on the main process only
 

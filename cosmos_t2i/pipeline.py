@@ -159,3 +159,27 @@ def fine_tuned_transformer(model: Model | str, checkpoint: Checkpoint | None, lo
     if loras:
         apply_loras(transformer, [read_lora(c.path, c.source) for c in loras], scales, fuse=fuse)
     return transformer
+
+
+def place_for_sampling(transformer, device, fp8: bool = False, offload: bool = False) -> None:
+    """Move a transformer held in host memory to `device` for sampling, in place.
+
+    `fp8`: the blocks' token-wise layers become fp8 ones (cosmos_t2i/fp8.py; fuse LoRAs first), block by block as
+    they reach `device`, so the GPU never holds the bf16 weights beside the fp8 ones. `offload`: the weights stay in
+    host memory and each block is copied to `device` just before it runs (diffusers' group offloading, one block
+    per group), the next block's copy overlapped with this one's compute on a GPU: for cards smaller than the
+    weights, at the copies' cost (BENCHMARKS.md). The hooks run on every call, so no CUDA graph or compilation.
+    """
+    from diffusers.hooks import apply_group_offloading
+
+    from . import fp8 as fp8_matmuls
+
+    if fp8:
+        fp8_matmuls.quantize_transformer_blocks(transformer, None if offload else device)
+    if not offload:
+        transformer.to(device)
+        return
+    on_gpu = torch.device(device).type == "cuda"
+    apply_group_offloading(transformer, onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=on_gpu,
+                           non_blocking=on_gpu)

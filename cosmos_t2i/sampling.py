@@ -246,11 +246,16 @@ def generate(
     batched_cfg: bool = True,
     denoiser=None,
     sampler: str = "diffusers",
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
 ):
     """One image for `prompt`, as `pipe(prompt=..., generator=torch.Generator("cpu").manual_seed(seed))` makes it
     (or NVIDIA's own sampler does, with `sampler="nvidia"`), with the prompts prepared NVIDIA's way: an empty
     negative prompt is the zero embedding. The text guardrail runs first, with the pipeline's own error for a
-    refused prompt."""
+    refused prompt.
+
+    `prompt_embeds` / `negative_prompt_embeds` ([1, 512, D], text_encoding.encode_prompts): the prompts encoded
+    beforehand, so that the pipeline needs no T5 while it samples; the same numbers as the pipeline's own encoding."""
     device = pipe._execution_device
     pipe.safety_checker.to(device)
     safe = pipe.safety_checker.check_text_safety(prompt)
@@ -258,15 +263,18 @@ def generate(
     if not safe:
         raise ValueError(f"Cosmos Guardrail detected unsafe text in the prompt: {prompt}. Please ensure that the "
                          "prompt abides by the NVIDIA Open Model License Agreement.")
-    zero = None
-    if not negative_prompt:
-        dim = pipe.transformer.config.text_embed_dim
-        zero = torch.zeros(1, MAX_LENGTH, dim, device=device, dtype=pipe.text_encoder.dtype)
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        prompt, negative_prompt=negative_prompt or None,
-        do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler), negative_prompt_embeds=zero,
-        device=device,
-    )
+    if prompt_embeds is None:
+        zero = None
+        if not negative_prompt:
+            dim = pipe.transformer.config.text_embed_dim
+            zero = torch.zeros(1, MAX_LENGTH, dim, device=device, dtype=pipe.text_encoder.dtype)
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+            prompt, negative_prompt=negative_prompt or None,
+            do_classifier_free_guidance=uses_unconditional_pass(guidance_scale, sampler), negative_prompt_embeds=zero,
+            device=device,
+        )
+    elif negative_prompt_embeds is None:
+        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
     noise = nvidia_noise(pipe, 1, height, width, seed) if sampler == "nvidia" else None
     latents = sample_latents(pipe, prompt_embeds, negative_prompt_embeds, height, width, num_inference_steps,
                              guidance_scale, torch.Generator("cpu").manual_seed(seed), batched_cfg, denoiser, sampler,

@@ -13,21 +13,9 @@ import numpy as np
 import torch
 
 from .checkpoint import iter_name
-from .models import Model, load_text_encoder
-from .text_encoding import encode_captions, pad_embedding
+from .models import Model
 
 METRIC_REFERENCE_IMAGES = 8  # training images (spread over the set) the validation images are compared with
-
-
-def encode_prompts(model: Model, prompts: list[str], device, dtype) -> torch.Tensor:
-    """[P, 512, D] padded T5 embeddings of `prompts`, on the CPU; the encoder is gone when this returns."""
-    tokenizer, text_encoder = load_text_encoder(model, device, dtype)
-    embeddings = encode_captions(tokenizer, text_encoder, prompts)
-    padded = torch.stack([pad_embedding(e) for e in embeddings]).cpu()
-    del text_encoder
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return padded
 
 
 class Validator:
