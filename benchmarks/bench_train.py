@@ -45,6 +45,7 @@ class Variant:
     expandable_segments: bool = False  # allocator grows segments in place instead of freeing cache and retrying
     multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
     clip_in_adamw: bool = False  # speed.clip_grad_norm_in_fused_adamw instead of clip_grad_norm_
+    fp8_base: bool = False  # LoRA: the frozen base's block Linear weights stored in fp8 (--fp8_base): changes numbers
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -83,6 +84,14 @@ LORA_VARIANTS = [
     Variant("compiled, ckpt 1/2 of blocks", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.5),
     Variant("compiled, ckpt 1/4 of blocks", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.25),
     Variant("compiled, no ckpt", 1, compile=True, fused_adamw=True),
+    Variant("eager, full ckpt, fp8 base", 1, fused_adamw=True, checkpoint_fraction=1.0, fp8_base=True),
+    Variant("compiled, full ckpt, fp8 base", 1, compile=True, fused_adamw=True, checkpoint_fraction=1.0,
+            fp8_base=True),
+    Variant("compiled, ckpt 3/4 of blocks, fp8 base", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.75,
+            fp8_base=True),
+    Variant("compiled, ckpt 1/2 of blocks, fp8 base", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.5,
+            fp8_base=True),
+    Variant("compiled, no ckpt, fp8 base", 1, compile=True, fused_adamw=True, fp8_base=True),
 ]
 
 
@@ -100,14 +109,17 @@ def parse_args(argv=None):
                         "timed steps here (one file per variant index).")
     parser.add_argument("--peak_tflops", type=float, default=800.0, help="Measured bf16 matmul rate for MFU.")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
+    parser.add_argument("--card_gib", type=float, default=None, help="Emulate a GPU of this many GiB: once the model "
+                        "is built, the process may allocate no more (torch.cuda.set_per_process_memory_fraction). "
+                        "A variant that needs more reports OOM.")
     parser.add_argument("--out", default=None, help="Write the markdown table here (and the rows as .json).")
     return parser.parse_args(argv)
 
 
-def build_transformer(model: str, lora: bool, device):
+def build_transformer(model: str, lora: bool, device, fp8_base: bool = False):
     """The training script's own model builder, with random weights of the real architecture."""
     torch.manual_seed(0)
-    method = LoraFineTune(16, 16, torch.bfloat16) if lora else FullFineTune()
+    method = LoraFineTune(16, 16, torch.bfloat16, fp8_base) if lora else FullFineTune()
     transformer = method.build(model, PRESETS[model].transformer_config, random_init=True, device=device)
     return transformer, [p for p in transformer.parameters() if p.requires_grad]
 
@@ -115,8 +127,13 @@ def build_transformer(model: str, lora: bool, device):
 def run_variant(args, variant: Variant, device) -> dict:
     if device.type == "cuda":  # before anything is allocated: the setting applies to new segments
         torch.cuda.memory._set_allocator_settings(f"expandable_segments:{variant.expandable_segments}")
-    transformer, params = build_transformer(args.model, args.lora, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the build is not the emulated card's (--card_gib)
+    transformer, params = build_transformer(args.model, args.lora, device, variant.fp8_base)
     transformer.train()
+    if args.card_gib and device.type == "cuda":
+        free_memory()  # the build's leftovers go back; the card's limit applies to training
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total), device)
     recompute = 0.0
     if variant.checkpoint_fraction:
         recompute = speed.checkpoint_blocks(transformer, variant.checkpoint_fraction) / len(
@@ -203,8 +220,9 @@ def main(argv=None):
             rel = abs(row["first_loss"] - plain["first_loss"]) / abs(plain["first_loss"])
             row["loss_vs_plain"] = f"{rel:.1e}" if same_inputs else "n/a (other batch)"
     kind = "LoRA r16" if args.lora else "full fine-tune"
+    card = f", emulated {args.card_gib:g} GiB card" if args.card_gib else ""
     header = (
-        f"### {args.model} {kind}, {args.width}x{args.height}, {device_name()}, "
+        f"### {args.model} {kind}, {args.width}x{args.height}, {device_name()}{card}, "
         f"torch {torch.__version__}"
     )
     columns = ["variant", "batch", "samples_per_s", "speedup", "step_ms", "tflops", "mfu", "peak_gib",
