@@ -74,7 +74,7 @@ def _limit_memory(card_gib: float | None, device) -> None:
     if card_gib and device.type == "cuda":
         free_memory()
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * 2**30 / total))
 
 
 def _inputs(config: dict, height: int, width: int, device, batch: int = 1, seed: int = 1):

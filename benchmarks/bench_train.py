@@ -127,13 +127,13 @@ def build_transformer(model: str, lora: bool, device, fp8_base: bool = False):
 def run_variant(args, variant: Variant, device) -> dict:
     if device.type == "cuda":  # before anything is allocated: the setting applies to new segments
         torch.cuda.memory._set_allocator_settings(f"expandable_segments:{variant.expandable_segments}")
-        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the build is not the emulated card's (--card_gib)
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the build is not the emulated card's (--card_gib)
     transformer, params = build_transformer(args.model, args.lora, device, variant.fp8_base)
     transformer.train()
     if args.card_gib and device.type == "cuda":
         free_memory()  # the build's leftovers go back; the card's limit applies to training
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total))
     recompute = 0.0
     if variant.checkpoint_fraction:
         recompute = speed.checkpoint_blocks(transformer, variant.checkpoint_fraction) / len(
