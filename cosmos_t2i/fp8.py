@@ -44,8 +44,10 @@ class Float8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scale = quantize_rows(linear.weight.detach())
-        self.register_buffer("weight_fp8", weight)
-        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, N], as _scaled_mm wants
+        # Frozen parameters, not buffers: diffusers' group offloading (--offload) copies a block's buffers to the GPU
+        # but, with CUDA streams, puts back only its parameters, so buffers stayed there (14B: 16.3 GiB, BENCHMARKS.md).
+        self.weight_fp8 = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.reshape(1, -1).contiguous(), requires_grad=False)  # [1, N]: _scaled_mm
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
