@@ -5,12 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
-from train_helpers import make_dataset, pattern_image, train, weights
+from train_helpers import assert_same_training, make_dataset, pattern_image, train, weights
 
 import train_text2image
 from cosmos_t2i import checkpoint as ckpt
@@ -261,3 +262,26 @@ def test_a_run_with_prior_preservation_trains_and_resumes_exactly(dataset, tmp_p
     with pytest.raises(ValueError, match="prior_loss_weight: 1.0 there, 0.5 now"):
         train(*_flags(dataset, tmp_path / "resumed", class_dir, lora, "--prior_loss_weight", "0.5"))
     assert os.listdir(class_dir)  # untouched
+
+
+def test_two_processes_split_the_generation_and_train_as_one_process_does(dataset, tmp_path, monkeypatch):
+    """torchrun with two CPU processes (gloo): each generates its share of the class images, the main process
+    embeds them, and the run equals one process accumulating the same two batches a step."""
+    root = Path(__file__).resolve().parents[1]
+    class_dir = tmp_path / "class"
+    flags = [str(f) for f in _flags(dataset, tmp_path / "two", class_dir, False, "--max_iter", 1)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(root / "train_text2image.py"), *flags], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Generating 2 class images" in result.stderr
+    assert "(1 on process 0)" in result.stderr and "(1 on process 1)" in result.stderr
+    assert len(list(class_dir.glob("class_*.png"))) == 2
+
+    generated = []
+    monkeypatch.setattr(prior_preservation, "generate_class_images", lambda *a, **k: generated.append(1))
+    one = train(*_flags(dataset, tmp_path / "one", class_dir, False, "--max_iter", 1,
+                        "--gradient_accumulation_steps", 2))
+    assert generated == []
+    assert_same_training(ckpt.latest_checkpoint(tmp_path / "two"), one)
