@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import zlib
 from collections import Counter
 from functools import lru_cache
@@ -265,7 +266,11 @@ def prepare_class_data(args, model, instance: EmbeddedImages, accelerator) -> Em
                     "already there are reused.", len(missing), args.class_prompt, folder, len(mine),
                     accelerator.process_index)
         if mine:
+            start = time.perf_counter()
             generate_class_images(model, mine, args.class_prompt, folder, accelerator.device, args.random_init)
+            seconds = time.perf_counter() - start
+            logger.info("Process %d generated %d class images in %.1f s (%.2f s each, loading included).",
+                        accelerator.process_index, len(mine), seconds, seconds / len(mine))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         embed_class_images(model, args.model, folder, args.class_prompt, _t5_dtype(instance.info))
