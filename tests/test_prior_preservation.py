@@ -26,13 +26,21 @@ from cosmos_t2i.user_errors import UserError
 CLASS_PROMPT = "An image of a robot."
 
 
+# Two buckets: two 1:1 images and one 16:9.
+IMAGES = [(pattern_image(64, 64, 0), "An image of sks teal robot."),
+          (pattern_image(64, 64, 1), "An image of sks teal robot."),
+          (pattern_image(96, 48, 2), "An image of sks teal robot.")]
+
+
 @pytest.fixture(scope="module")
 def dataset(tiny_model_dir, tmp_path_factory):
-    # Two buckets: two 1:1 images and one 16:9, latents cached.
-    images = [(pattern_image(64, 64, 0), "An image of sks teal robot."),
-              (pattern_image(64, 64, 1), "An image of sks teal robot."),
-              (pattern_image(96, 48, 2), "An image of sks teal robot.")]
-    return make_dataset(tmp_path_factory.mktemp("prior") / "data", images, cache_latents=True)
+    return make_dataset(tmp_path_factory.mktemp("prior") / "data", IMAGES, cache_latents=True)
+
+
+@pytest.fixture(scope="module")
+def pixel_dataset(tiny_model_dir, tmp_path_factory):
+    """Without cached latents: the instance half is VAE-encoded in the loop, the class half comes cached."""
+    return make_dataset(tmp_path_factory.mktemp("prior_pixels") / "data", IMAGES)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +234,9 @@ def _flags(dataset, output_dir, class_dir, lora, *more):
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_a_run_with_prior_preservation_trains_and_resumes_exactly(dataset, tmp_path, monkeypatch, lora):
+def test_a_run_with_prior_preservation_trains_and_resumes_exactly(dataset, pixel_dataset, tmp_path, monkeypatch,
+                                                                  lora):
+    dataset = dataset if lora else pixel_dataset
     generated, halves = [], []
     generate_images, loss = prior_preservation.generate_class_images, prior_preservation.prior_preservation_loss
     monkeypatch.setattr(prior_preservation, "generate_class_images",
