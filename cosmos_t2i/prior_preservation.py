@@ -382,6 +382,8 @@ def setup(args, model, instance, accelerator) -> PriorPreservation | None:
     if args.class_prompt is None:
         return None
     classes = prepare_class_data(args, model, instance, accelerator)
-    logger.info("Prior preservation: %d class images (%s), prior loss weight %g", len(classes),
-                ", ".join(f"{k}: {n}" for k, n in sorted(Counter(classes.buckets).items())), args.prior_loss_weight)
+    if accelerator.is_main_process:
+        logger.info("Prior preservation: %d class images (%s), prior loss weight %g", len(classes),
+                    ", ".join(f"{k}: {n}" for k, n in sorted(Counter(classes.buckets).items())),
+                    args.prior_loss_weight)
     return PriorPreservation(classes, args.prior_loss_weight, args.seed)
