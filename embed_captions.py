@@ -19,20 +19,14 @@ and what a killed run leaves (one hidden staging folder, its work files inside) 
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
-import shutil
 import time
-from collections import Counter
 from pathlib import Path
-
-import torch
 
 from cosmos_t2i import dataset_format as fmt
 from cosmos_t2i import embedding, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
-from cosmos_t2i.models import Model, device_and_dtype, load_text_encoder, load_vae, resolve_model
-from cosmos_t2i.text_encoding import MAX_LENGTH
+from cosmos_t2i.models import resolve_model
 
 logger = logging.getLogger("embed_captions")
 
@@ -90,72 +84,16 @@ def main(argv=None) -> dict:
             if uncaptioned:
                 logger.warning("%d of %d images have no metas/<stem>.txt caption; their text is empty.",
                                uncaptioned, len(pairs))
-            info = build_embedded(args, model, staging, staging / fmt.EMBEDDED_SUBDIR)
+            info = embedding.build_embedded(args, model, staging, staging / fmt.EMBEDDED_SUBDIR)
     else:
         embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
         with staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
-            info = build_embedded(args, model, dataset_dir, staging)
+            info = embedding.build_embedded(args, model, dataset_dir, staging)
     logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
                 info["num_unique_captions"], info["text_embed_dim"],
                 ", latents cached" if args.cache_latents else "", dataset_dir / fmt.EMBEDDED_SUBDIR,
                 time.perf_counter() - start)
     return info
-
-
-def build_embedded(args, model: Model | None, imagefolder_dir: Path, output_dir: Path) -> dict:
-    """Write the embedded dataset of `imagefolder_dir` into the (empty) `output_dir`; return its info."""
-    device, dtype = device_and_dtype(args.dtype)
-    # Intermediate Arrow files go inside the output's staging folder (same disk, removed at the end), not into
-    # ~/.cache: a killed run leaves them in that one folder, which the next run's staged_folder removes.
-    work = output_dir / ".work"
-    work.mkdir(parents=True)  # output_dir itself is new with --from_nvidia_dir (embedded/ of the staging)
-    try:
-        dataset = embedding.load_imagefolder(imagefolder_dir, work / "hf", args.caption_column)
-        captions = dataset[fmt.TEXT_COLUMN]
-        info = {"model": args.model, "model_path": model.path if model else None, "max_length": MAX_LENGTH,
-                "embedding_dtype": "float16", "num_rows": len(dataset),
-                "num_unique_captions": len(set(captions))}
-        if args.from_nvidia_dir:
-            t5_dir = Path(args.from_nvidia_dir) / "t5_xxl"
-            pickles = [t5_dir / f"{stem}.pickle" for stem in embedding.image_stems(dataset)]
-            t5_rows, dim = embedding.nvidia_t5_rows(pickles, work / "t5.arrow")
-            info.update(source="nvidia_t5_xxl", from_nvidia_dir=str(Path(args.from_nvidia_dir).resolve()),
-                        text_embed_dim=dim, dtype="unknown (imported)")
-        else:
-            logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model.path, device, dtype)
-            tokenizer, text_encoder = load_text_encoder(model, device, dtype)
-            truncated = embedding.truncated_captions(captions, tokenizer, MAX_LENGTH)
-            if truncated:
-                logger.warning(embedding.describe_truncated(truncated, captions, embedding.image_stems(dataset)))
-            t5_rows, _ = embedding.encoded_t5_rows(captions, tokenizer, text_encoder, args.batch_size,
-                                                   work / "t5.arrow")
-            info.update(source="encoded", num_truncated_captions=len(truncated),
-                        text_encoder=type(text_encoder).__name__,
-                        text_embed_dim=text_encoder.config.d_model, dtype=str(dtype).removeprefix("torch."))
-            del text_encoder
-            _free(device)
-        columns = [dataset, t5_rows]
-        if args.cache_latents:
-            resolutions = model.resolutions  # the buckets training uses
-            vae = load_vae(model, device, dtype)
-            latents = embedding.latent_rows(dataset, vae, resolutions, args.batch_size, work / "latents.arrow")
-            del vae
-            _free(device)
-            columns.append(latents)
-            info.update(bucket_resolutions={k: list(v) for k, v in resolutions.items()},
-                        bucket_counts=dict(Counter(latents[fmt.BUCKET_COLUMN])),
-                        vae_dtype=str(dtype).removeprefix("torch."))
-        embedding.join_and_save(columns, output_dir)
-        embedding.write_info(output_dir, info)  # written last: fmt.load_embedded_dataset requires it
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return info
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

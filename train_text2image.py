@@ -30,7 +30,7 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i import hub, memory, speed
+from cosmos_t2i import hub, memory, prior_preservation, speed
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
@@ -69,6 +69,7 @@ def parse_args(argv=None):
                       "2 with a GPU; 0 on a CPU, where they would take cores from the training itself).")
     data.add_argument("--text_dropout", type=float, default=TEXT_DROPOUT,
                       help="Share of samples trained with a zero text embedding, for CFG (NVIDIA: 0.2).")
+    prior_preservation.add_arguments(parser)
 
     recipe = parser.add_argument_group("recipe (defaults: NVIDIA's for the model)")
     recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run.")
@@ -161,6 +162,7 @@ def parse_args(argv=None):
         args.synthetic_data = _parse_size(args.synthetic_data)
     elif args.dataset_dir is None:
         raise ValueError("--dataset_dir is required (make one with prepare_dataset.py and embed_captions.py).")
+    prior_preservation.check_args(args)
     if args.validation_metrics and not (args.validation_prompt and args.dataset_dir):
         raise ValueError("--validation_metrics scores the validation images against training images: it needs "
                          "--validation_prompt and --dataset_dir.")
@@ -286,6 +288,7 @@ def _train(args):
         if args.validation_metrics and accelerator.is_main_process:
             validator.metrics = ValidationMetrics(args.dataset_dir, *default_metric_models(
                 model, args.validation_dino_model, args.validation_clip_model))
+    prior = prior_preservation.setup(args, model, data, accelerator)  # before the model: generation needs the GPU
     vae = None
     if not data.cached_latents:
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
@@ -325,8 +328,12 @@ def _train(args):
         if ema is not None:
             method.load_ema(ema, resume)
         logger.info("Resumed from %s (iteration %d)", resume, iteration)
-    batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
-                                   accelerator.process_index, position, args.dataloader_num_workers))
+    if prior is None:
+        batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
+                                       accelerator.process_index, position, args.dataloader_num_workers))
+    else:
+        batches = iter(prior.dataloader(data, args.train_batch_size, accelerator.num_processes,
+                                        accelerator.process_index, position, args.dataloader_num_workers))
 
     def save(iteration):
         return ckpt.save_checkpoint(
@@ -368,9 +375,13 @@ def _train(args):
                     else:
                         x0 = encode_normalized(vae, batch["pixels"])
                     text_embeds = batch["text_embeds"].to(device, text_dtype)
-                    generator = torch.Generator(device).manual_seed(_noise_seed(
-                        args.seed, global_batch(position, accelerator.num_processes, accelerator.process_index)))
-                    loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
+                    batch_index = global_batch(position, accelerator.num_processes, accelerator.process_index)
+                    generator = torch.Generator(device).manual_seed(_noise_seed(args.seed, batch_index))
+                    if prior is None:
+                        loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
+                    else:
+                        loss = prior.loss(transformer, batch, x0, text_embeds, generator, batch_index,
+                                          args.text_dropout)
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
                 position += 1

@@ -93,6 +93,15 @@ def remove_stale_staging(target: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_stale_temp_files(folder: str | os.PathLike) -> None:
+    """Remove the temporary files `atomic_output` calls of dead processes left in `folder` (kill -9 skips their
+    `finally`): `.<stem>.tmp-<pid><suffix>`."""
+    for path in Path(folder).glob(".*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[-1].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

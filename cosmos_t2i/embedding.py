@@ -8,9 +8,11 @@ depend on the imagefolder staying where it is.
 
 from __future__ import annotations
 
+import gc
+import logging
 import pickle
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from . import dataset_format as fmt
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
 from .text_encoding import MAX_LENGTH, encode_captions, tokens_past_max_length
 from .user_errors import BadValue, MissingInput
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Columns
@@ -175,6 +179,70 @@ def write_info(output_dir: str | Path, info: dict) -> None:
     import json
 
     (Path(output_dir) / fmt.INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole embedded dataset
+
+
+def build_embedded(args, model, imagefolder_dir: Path, output_dir: Path) -> dict:
+    """Write the embedded dataset of `imagefolder_dir` into the (empty) `output_dir`; return its info.
+
+    `args`: embed_captions.py's options (model, batch_size, cache_latents, dtype, caption_column, from_nvidia_dir);
+    prior preservation (prior_preservation.py) embeds its class images with the same call."""
+    from .models import device_and_dtype, load_text_encoder, load_vae
+
+    device, dtype = device_and_dtype(args.dtype)
+    # Intermediate Arrow files go inside the output's staging folder (same disk, removed at the end), not into
+    # ~/.cache: a killed run leaves them in that one folder, which the next run's staged_folder removes.
+    work = output_dir / ".work"
+    work.mkdir(parents=True)  # output_dir itself is new with --from_nvidia_dir (embedded/ of the staging)
+    try:
+        dataset = load_imagefolder(imagefolder_dir, work / "hf", args.caption_column)
+        captions = dataset[fmt.TEXT_COLUMN]
+        info = {"model": args.model, "model_path": model.path if model else None, "max_length": MAX_LENGTH,
+                "embedding_dtype": "float16", "num_rows": len(dataset),
+                "num_unique_captions": len(set(captions))}
+        if args.from_nvidia_dir:
+            t5_dir = Path(args.from_nvidia_dir) / "t5_xxl"
+            pickles = [t5_dir / f"{stem}.pickle" for stem in image_stems(dataset)]
+            t5_rows, dim = nvidia_t5_rows(pickles, work / "t5.arrow")
+            info.update(source="nvidia_t5_xxl", from_nvidia_dir=str(Path(args.from_nvidia_dir).resolve()),
+                        text_embed_dim=dim, dtype="unknown (imported)")
+        else:
+            logger.info("Loading the tokenizer and T5 encoder of %s (%s, %s)", model.path, device, dtype)
+            tokenizer, text_encoder = load_text_encoder(model, device, dtype)
+            truncated = truncated_captions(captions, tokenizer, MAX_LENGTH)
+            if truncated:
+                logger.warning(describe_truncated(truncated, captions, image_stems(dataset)))
+            t5_rows, _ = encoded_t5_rows(captions, tokenizer, text_encoder, args.batch_size, work / "t5.arrow")
+            info.update(source="encoded", num_truncated_captions=len(truncated),
+                        text_encoder=type(text_encoder).__name__,
+                        text_embed_dim=text_encoder.config.d_model, dtype=str(dtype).removeprefix("torch."))
+            del text_encoder
+            free_memory(device)
+        columns = [dataset, t5_rows]
+        if args.cache_latents:
+            resolutions = model.resolutions  # the buckets training uses
+            vae = load_vae(model, device, dtype)
+            latents = latent_rows(dataset, vae, resolutions, args.batch_size, work / "latents.arrow")
+            del vae
+            free_memory(device)
+            columns.append(latents)
+            info.update(bucket_resolutions={k: list(v) for k, v in resolutions.items()},
+                        bucket_counts=dict(Counter(latents[fmt.BUCKET_COLUMN])),
+                        vae_dtype=str(dtype).removeprefix("torch."))
+        join_and_save(columns, output_dir)
+        write_info(output_dir, info)  # written last: fmt.load_embedded_dataset requires it
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return info
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,12 +66,30 @@ def diffusion_loss(
     text_dropout: float = TEXT_DROPOUT,
 ) -> torch.Tensor:
     """The scalar training loss for clean latents x0 [B, C, 1, H, W] and padded T5 embeddings [B, 512, D]."""
+    x0, x_sigma, sigma, text_embeds = noised(x0, text_embeds, generator, text_dropout)
+    return LOSS_SCALE * _weighted_error(transformer, x0, x_sigma, sigma, text_embeds).mean()
+
+
+def noised(x0: torch.Tensor, text_embeds: torch.Tensor, generator: torch.Generator | None = None,
+           text_dropout: float = TEXT_DROPOUT):
+    """The random part of the loss: (x0 in float32, x_sigma, sigma, text embeddings after dropout), drawn from
+    `generator` in this order (sigma, eps, dropout), so a batch's draws are a function of the generator alone."""
     x0 = x0.float()
     sigma = sample_sigma(x0.shape[0], x0.device, generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=torch.float32)
     x_sigma = x0 + sigma.view(-1, 1, 1, 1, 1) * eps
     if text_dropout > 0:
         text_embeds = drop_text(text_embeds, text_dropout, generator)
+    return x0, x_sigma, sigma, text_embeds
+
+
+def per_sample_loss(transformer, x0: torch.Tensor, x_sigma: torch.Tensor, sigma: torch.Tensor,
+                    text_embeds: torch.Tensor) -> torch.Tensor:
+    """[B] losses of the samples `noised` made, in one transformer call: the mean of a part of them is
+    `diffusion_loss` of that part with the same draws (prior preservation weighs two parts of one batch)."""
+    return LOSS_SCALE * _weighted_error(transformer, x0, x_sigma, sigma, text_embeds).flatten(1).mean(1)
+
+
+def _weighted_error(transformer, x0, x_sigma, sigma, text_embeds) -> torch.Tensor:
     x0_pred = predict_x0(transformer, x_sigma, sigma, text_embeds)
-    per_element = (x0 - x0_pred) ** 2 * loss_weight(sigma).view(-1, 1, 1, 1, 1)
-    return LOSS_SCALE * per_element.mean()
+    return (x0 - x0_pred) ** 2 * loss_weight(sigma).view(-1, 1, 1, 1, 1)
