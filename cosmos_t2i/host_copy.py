@@ -37,12 +37,16 @@ class HostCopier:
 
     def begin(self, live: list[torch.Tensor]) -> None:
         """Start a snapshot; `live` are the tensors training updates in place (their storages must be copied)."""
-        self._live = {t.untyped_storage().data_ptr() for t in live if t.device.type == "cpu"}
+        self._live: set[int] = set()
+        self.also_live(live)
         self._memo: dict[tuple, torch.Tensor] = {}
         self._used: set[tuple] = set()
         self.held_bytes = 0  # host memory holding this snapshot
         self.short = False
         self._cuda = False
+
+    def also_live(self, tensors) -> None:
+        self._live |= {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
 
     def __call__(self, obj, key: str = ""):
         """`obj` (tensors in dicts, lists and tuples) with its tensors copied where they must be."""
