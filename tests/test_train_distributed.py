@@ -6,6 +6,7 @@ with several processes needs MPI, so this uses torchrun with ACCELERATE_USE_CPU,
 MULTI_CPU. FSDP2 and DeepSpeed are exercised on GPUs only.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -40,8 +41,10 @@ def test_two_processes_train_save_and_resume(dataset, tmp_path):
     final = ckpt.latest_checkpoint(tmp_path / "straight")
     assert final.name == "iter_000000004"
     assert ckpt.read_config(final)["world_size"] == 2
-    assert sorted(p.name for p in (final / "trainer").iterdir()) == ["config.json", "rng_0.pt", "rng_1.pt",
-                                                                      "state.json"]
+    assert sorted(p.name for p in (final / "trainer").iterdir()) == ["checksums.json", "config.json", "rng_0.pt",
+                                                                      "rng_1.pt", "state.json"]
+    # The main process's checksums cover the other process's files too (each rank writes its own RNG state).
+    assert "trainer/rng_1.pt" in json.loads((final / "trainer" / "checksums.json").read_text())["files"]
     assert ckpt.read_state(final)["data_position"] == 4  # per process: each took every other batch
 
     _torchrun(*flags, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint",
