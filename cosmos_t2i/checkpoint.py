@@ -25,6 +25,7 @@ import logging
 import random
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,7 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._reported_memory = False
+        self.write_seconds: list[float] = []  # per checkpoint, on the main process: writing, flushing, hashing
 
     def save(self, iteration: int, *, snapshot_model, model, optimizer, scheduler, state: dict, config: dict) -> Path:
         """`snapshot_model(copier)` captures model/ (every process calls it; `copier` makes host copies where they
@@ -181,8 +183,13 @@ class CheckpointSaver:
         return final
 
     def _run(self, job: _Job) -> None:
+        start = time.perf_counter()
         try:
-            job.run()
+            written = job.run()
+            self.write_seconds.append(time.perf_counter() - start)
+            logger.info("Checkpoint %s written%s: %.2f GB in %.1f s.", job.final.name,
+                        " in the background" if threading.current_thread() is not threading.main_thread() else "",
+                        written / 1e9, self.write_seconds[-1])
         except BaseException as error:  # raised in the training loop at the next save or at the end
             self._error = error
             if threading.current_thread() is not threading.main_thread():
@@ -229,7 +236,8 @@ class _Job:
         self.writes: list[tuple[str, callable]] = []  # (path in the checkpoint, for errors; write)
         self.ready = None  # the host copies' CUDA event
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Returns the bytes written."""
         try:
             if self.ready is not None:
                 self.ready.synchronize()
@@ -239,7 +247,7 @@ class _Job:
             with _writing(self, "its files (flushing them to disk)"):
                 fsync_tree(self.staging)  # files first, then the folders holding their names
             with _writing(self, f"{TRAINER}/{CHECKSUMS}"):
-                record_checksums(self.staging)
+                written = record_checksums(self.staging)
                 fsync_dir(self.staging / TRAINER)
             # The same iteration saved again (a rerun of a finished job): the old copy is moved aside, where
             # latest_checkpoint() finds it after a crash.
@@ -250,6 +258,7 @@ class _Job:
             raise
         if self.total_limit:
             _prune(self.root, keep=self.total_limit, current=self.final.name)
+        return written
 
 
 def _live_tensors(model, optimizer) -> list[torch.Tensor]:
