@@ -144,7 +144,8 @@ class CheckpointSaver:
         if optimizer_layout(str(accelerator.distributed_type)) == "full":
             if main:
                 optim_state = self.copier(optimizer.state_dict(), OPTIM)
-                job.writes.append((f"{OPTIM}/optimizer.pt", lambda: _torch_save(optim_state, staging / OPTIM / "optimizer.pt")))
+                job.writes.append((f"{OPTIM}/optimizer.pt",
+                                   lambda: _torch_save(optim_state, staging / OPTIM / "optimizer.pt")))
         else:  # sharded: each process writes its own shard now, together (collectives)
             problem = _attempt(job, OPTIM, lambda: _save_optimizer(accelerator, model, optimizer, staging / OPTIM))
         rng = f"{TRAINER}/rng_{accelerator.process_index}.pt"
@@ -154,7 +155,8 @@ class CheckpointSaver:
             config_text = json.dumps(config, indent=2, sort_keys=True)
             state_text = json.dumps(dict(state, iteration=iteration), indent=2)
             job.writes += [
-                (f"{SCHEDULER}/scheduler.pt", lambda: _torch_save(scheduler_state, staging / SCHEDULER / "scheduler.pt")),
+                (f"{SCHEDULER}/scheduler.pt",
+                 lambda: _torch_save(scheduler_state, staging / SCHEDULER / "scheduler.pt")),
                 (f"{TRAINER}/{CONFIG}", lambda: (staging / TRAINER / CONFIG).write_text(config_text)),
                 (f"{TRAINER}/{STATE}", lambda: (staging / TRAINER / STATE).write_text(state_text)),
             ]

@@ -48,7 +48,8 @@ def record_checksums(checkpoint: Path, trainer_dir: str = "trainer") -> int:
     """Hash every file under `checkpoint` into trainer/checksums.json (flushed to disk); returns the bytes hashed."""
     from .atomic import fsync_file
 
-    files = sorted(p for p in _files(checkpoint) if p.relative_to(checkpoint).as_posix() != f"{trainer_dir}/{CHECKSUMS}")
+    record_name = f"{trainer_dir}/{CHECKSUMS}"
+    files = sorted(p for p in _files(checkpoint) if p.relative_to(checkpoint).as_posix() != record_name)
     digests = _hash_all(files, progress=None)
     record = {"algorithm": ALGORITHM,
               "files": {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, ALGORITHM: d}
@@ -93,7 +94,8 @@ def damage(checkpoint: Path, hashes: bool = True, trainer_dir: str = "trainer") 
             digests = _hash_all(files, progress)
         for name, digest in zip(sorted(record), digests):
             if digest != record[name][ALGORITHM]:
-                return f"{checkpoint / name} has changed since it was saved (its {ALGORITHM} differs from the one recorded)"
+                return (f"{checkpoint / name} has changed since it was saved (its {ALGORITHM} differs from the one "
+                        "recorded)")
     return None
 
 
@@ -104,7 +106,8 @@ def _size_damage(checkpoint: Path, record: dict) -> str | None:
             return f"{path} is missing"
         size = path.stat().st_size
         if size != entry["size"]:
-            return f"{path} is {size} bytes, {entry['size']} when it was saved ({'truncated' if size < entry['size'] else 'grown'})"
+            change = "truncated" if size < entry["size"] else "grown"
+            return f"{path} is {size} bytes, {entry['size']} when it was saved ({change})"
     return None
 
 
@@ -142,7 +145,8 @@ def _safetensors_damage(path: Path) -> str | None:
             return f"{path} is not a complete safetensors file ({size} bytes)"
         (header_len,) = struct.unpack("<Q", head)
         if header_len == 0 or 8 + header_len > size:
-            return f"{path} is not a complete safetensors file (its header says {header_len} bytes of header; the file has {size})"
+            return (f"{path} is not a complete safetensors file (its header says {header_len} bytes of header; the "
+                    f"file has {size})")
         try:
             header = json.loads(f.read(header_len))
         except (ValueError, UnicodeDecodeError):
@@ -150,7 +154,8 @@ def _safetensors_damage(path: Path) -> str | None:
     ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)
     if expected != size:
-        return f"{path} is {size} bytes, its header describes {expected} ({'truncated' if size < expected else 'extra bytes'})"
+        change = "truncated" if size < expected else "extra bytes"
+        return f"{path} is {size} bytes, its header describes {expected} ({change})"
     return None
 
 

@@ -149,11 +149,11 @@ def test_a_full_disk_while_writing_the_optimizer_keeps_the_previous_checkpoint(d
     with pytest.raises(OutputFailed) as error:
         train(*_flags(dataset, tmp_path / "out", "--max_iter", 3, mode))
     message, root = str(error.value), tmp_path / "out" / "checkpoints"
-    assert message.startswith(f"Could not save checkpoint {root / ckpt.iter_name(2)}: writing optim/optimizer.pt failed "
-                              f"(No space left on device)")
+    assert message.startswith(f"Could not save checkpoint {root / ckpt.iter_name(2)}: writing optim/optimizer.pt "
+                              "failed (No space left on device)")
     assert f"{root / 'latest_checkpoint.txt'} still names {ckpt.iter_name(1)}" in message and "\n" not in message
     assert ckpt.latest_checkpoint(tmp_path / "out").name == ckpt.iter_name(1)
-    assert sorted(p.name for p in root.iterdir()) == [ckpt.iter_name(1), "latest_checkpoint.txt"]  # nothing half-written
+    assert sorted(p.name for p in root.iterdir()) == [ckpt.iter_name(1), "latest_checkpoint.txt"]  # no half-written
     # In the background, training went on to the next save, where the error was raised.
     assert len(steps) == (3 if mode == "--async_save" else 2)
 
