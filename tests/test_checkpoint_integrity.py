@@ -4,7 +4,9 @@ disk before the checkpoint is named; a background save writes the same bytes as 
 goes on, and a process killed during it leaves the previous checkpoint as the latest."""
 
 import errno
+import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -162,9 +164,14 @@ def _files(checkpoint: Path) -> dict[str, bytes]:
     return {p.relative_to(checkpoint).as_posix(): p.read_bytes() for p in sorted(checkpoint.rglob("*")) if p.is_file()}
 
 
-def test_background_saves_write_the_synchronous_bytes_and_resume_exactly(dataset, tmp_path):
+def test_background_saves_write_the_synchronous_bytes_and_resume_exactly(dataset, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cosmos_t2i.checkpoint")
     sync = train(*_flags(dataset, tmp_path / "sync", "--no_async_save")).parent
+    assert "host memory" not in caplog.text
     background = train(*_flags(dataset, tmp_path / "background", "--async_save")).parent
+    assert re.search(r"Background checkpoint saves: the state being written is held in \d+\.\d\d GiB of host memory",
+                     caplog.text)  # the cost, said once
+    assert caplog.text.count("written in the background") == 2
     for name in (ckpt.iter_name(1), ckpt.iter_name(2)):
         expected, got = _files(sync / name), _files(background / name)
         assert expected.keys() == got.keys() and "trainer/checksums.json" in got
