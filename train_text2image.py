@@ -30,7 +30,8 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i import hub, memory, prior_preservation, speed
+from cosmos_t2i import hub, memory, prior_preservation, speed, user_errors
+from cosmos_t2i.checkpoint_integrity import verify_for_resume
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
@@ -121,6 +122,14 @@ def parse_args(argv=None):
     out.add_argument("--resume_from_checkpoint", default="latest", help="'latest' (resume if OUTPUT_DIR has "
                      "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the last N checkpoints.")
+    out.add_argument("--async_save", dest="async_save", action="store_true", default=True,
+                     help="Write checkpoints in the background from a copy in host memory, while training goes on "
+                     "(default; the log says how much memory). Falls back to --no_async_save when it does not fit.")
+    out.add_argument("--no_async_save", dest="async_save", action="store_false",
+                     help="Write each checkpoint while training waits.")
+    out.add_argument("--no_verify_checksums", dest="verify_checksums", action="store_false", default=True,
+                     help="On resume, skip hashing the checkpoint against the checksums recorded at save time (it "
+                     "reads the whole checkpoint once); sizes and headers are still checked.")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     out.add_argument("--tracker_project_name", default="cosmos-predict2-text2image")
     out.add_argument("--validation_prompt", action="append", default=None,
@@ -147,6 +156,7 @@ def parse_args(argv=None):
                          "one process can take longer than this alone, e.g. the main process writing a large "
                          "checkpoint's model/ while the others wait.")
 
+    user_errors.add_debug_flag(parser)
     args = parser.parse_args(argv)
     if not args.lora and (args.rank is not None or args.lora_alpha is not None):
         raise ValueError("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full fine-tune.")
@@ -247,6 +257,7 @@ def _train(args):
                                         distributed_type=str(accelerator.distributed_type))))
     resume = _checkpoint_to_resume(args, output_dir)
     if resume is not None:
+        verify_for_resume(accelerator, resume, hashes=args.verify_checksums)
         saved_config = ckpt.read_config(resume)
         differing = config_differences(saved_config, config)
         if differing:
@@ -335,12 +346,14 @@ def _train(args):
         batches = iter(prior.dataloader(data, args.train_batch_size, accelerator.num_processes,
                                         accelerator.process_index, position, args.dataloader_num_workers))
 
+    saver = ckpt.CheckpointSaver(accelerator, output_dir, background=args.async_save,
+                                 total_limit=args.checkpoints_total_limit)
+
     def save(iteration):
-        return ckpt.save_checkpoint(
-            accelerator, output_dir, iteration,
-            save_model=lambda directory: method.save_weights(accelerator, transformer, ema, directory),
+        return saver.save(
+            iteration, snapshot_model=lambda copier: method.snapshot_weights(accelerator, transformer, ema, copier),
             model=transformer, optimizer=optimizer, scheduler=scheduler,
-            state={"data_position": position}, config=config, total_limit=args.checkpoints_total_limit,
+            state={"data_position": position}, config=config,
         )
 
     validation_images = {}  # iteration -> the images written at it, in prompt order
@@ -427,6 +440,7 @@ def _train(args):
                 logger.info("Stopped by signal at iteration %d.", iteration)
                 break
     progress.close()
+    saver.finish()  # the last background save is complete, or its error raised
     _report_speed(step_seconds, samples_per_step, device)
 
     if args.push_to_hub and iteration == args.max_iter and accelerator.is_main_process:
@@ -584,4 +598,4 @@ def recipe_summary(config: dict, method) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    user_errors.run(lambda: main(parse_args()))

@@ -11,6 +11,7 @@ Two helpers, one for files and one for folders, used by every script and by the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -39,12 +40,55 @@ def atomic_output(path: str | os.PathLike):
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """`path` holds `text` or what it held before, also after a power loss (flushed to disk before the rename)."""
+    """`path` holds `text` or what it held before, also after a power loss (flushed to disk before the rename, and
+    the rename itself flushed with its folder)."""
     with atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    fsync_dir(Path(path).parent)
+
+
+# Durability. A rename is only as durable as the data it names: after a power loss a file renamed before its data
+# reached the disk can come back empty (ext4, xfs). So the data goes first (fsync of each file), then the folders
+# holding the new names (fsync of the folder), and only then the name that points at them.
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of folder `path` (names created, renamed or removed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a platform or file system without folder handles (Windows)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):  # no fsync of folders there: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike, files: bool = True, dirs: bool = True) -> None:
+    """fsync every file under `root` (`files`), then every folder, deepest first, `root` last (`dirs`)."""
+    root = Path(root)
+    folders = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        folders += [Path(dirpath) / d for d in dirnames]
+        if files:
+            for name in filenames:
+                fsync_file(Path(dirpath) / name)
+    if dirs:
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(folder)
 
 
 @contextlib.contextmanager
@@ -76,6 +120,7 @@ def replace_folder(staging: Path, target: Path, aside: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(target, aside)
     os.replace(staging, target)
+    fsync_dir(target.parent)  # the new name is durable before anything (latest_checkpoint.txt) points at it
     shutil.rmtree(aside, ignore_errors=True)  # also one a process that died between the renames left
 
 

@@ -49,12 +49,25 @@ def lora_config(rank: int = 16, alpha: int = 16) -> LoraConfig:
 
 def save_lora(directory: str | Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
     """Write the adapter weights found in `state_dict` (named like `transformer`'s own parameters)."""
-    layers = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+    write_lora_layers(directory, lora_layers(transformer, state_dict), lora_metadata(transformer))
+
+
+def lora_layers(transformer, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `state_dict`, under the names our file uses (save_lora in two parts: a background
+    checkpoint save takes these now and writes them later)."""
+    return get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+
+
+def lora_metadata(transformer) -> dict:
+    return transformer.peft_config[ADAPTER_NAME].to_dict()
+
+
+def write_lora_layers(directory: str | Path, layers: dict[str, torch.Tensor], metadata: dict) -> None:
     CosmosLoraLoaderMixin.save_lora_weights(
         directory,
         transformer_lora_layers={k: v.contiguous() for k, v in layers.items()},
         weight_name=WEIGHT_NAME,
-        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER_NAME].to_dict(),
+        transformer_lora_adapter_metadata=metadata,
     )
 
 

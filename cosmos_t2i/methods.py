@@ -25,8 +25,9 @@ from safetensors import safe_open
 
 from .checkpoint import EMA, MODEL
 from .ema import PowerEMA
-from .lora import lora_config, read_lora, save_lora
 from .fp8_base import store_blocks_in_fp8
+from .host_copy import HostCopier
+from .lora import lora_config, lora_layers, lora_metadata, read_lora, write_lora_layers
 from .models import Preset, dtype_named, load_base_transformer, random_transformer
 
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
@@ -41,14 +42,34 @@ class _Method:
 
     def save_weights(self, accelerator, transformer, ema: PowerEMA | None, directory: Path) -> None:
         """model/ (and model/ema/) of a checkpoint; every process calls this, the main process writes."""
+        copier = HostCopier(reuse=False)  # copies nothing: written before training goes on
+        copier.begin([])
+        write = self.snapshot_weights(accelerator, transformer, ema, copier)
+        if write is not None:
+            write(directory)
+
+    def snapshot_weights(self, accelerator, transformer, ema: PowerEMA | None, copier):
+        """Capture model/ (and model/ema/) now; every process calls this. On the main process, returns the function
+        that writes them into a directory, from `copier`'s host copies (a background save runs it in a thread
+        while training goes on: it reads nothing live)."""
         state_dict = accelerator.get_state_dict(transformer)  # gathered to the main process under FSDP / ZeRO-3
         ema_state = ema.full_state_dict(keep=accelerator.is_main_process) if ema is not None else None
         if not accelerator.is_main_process:
-            return
+            return None
+        if ema is not None:
+            copier.also_live(ema.shadow.values())  # on a CPU run, the gathered EMA is the live one
         unwrapped = accelerator.unwrap_model(transformer)
-        self.write(directory, unwrapped, state_dict)
-        if ema_state is not None:
-            self.write(directory / EMA, unwrapped, {**state_dict, **ema_state})
+        model_part = copier(self.to_write(unwrapped, state_dict), MODEL)
+        ema_part = copier(self.to_write(unwrapped, {**state_dict, **ema_state}), f"{MODEL}/{EMA}") \
+            if ema_state is not None else None
+        context = self.write_context(unwrapped)
+
+        def write(directory: Path) -> None:
+            self.write(directory, context, model_part)
+            if ema_part is not None:
+                self.write(directory / EMA, context, ema_part)
+
+        return write
 
     def load_ema(self, ema: PowerEMA, checkpoint: Path) -> None:
         ema.load_full_state_dict(self.read(checkpoint / MODEL / EMA))
@@ -82,6 +103,12 @@ class FullFineTune(_Method):
         if random_init:
             return random_transformer(config, torch.float32, device)
         return load_base_transformer(model, torch.float32)
+
+    def to_write(self, transformer, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state_dict
+
+    def write_context(self, transformer):
+        return transformer
 
     def write(self, directory: Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
         """`transformer`'s config and `state_dict` as a folder CosmosTransformer3DModel.from_pretrained loads."""
@@ -141,8 +168,15 @@ class LoraFineTune(_Method):
             _load_trainable(transformer, self.read(checkpoint / MODEL))
         return transformer
 
-    def write(self, directory: Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
-        save_lora(directory, transformer, state_dict)
+    def to_write(self, transformer, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapters only: a LoRA save copies megabytes, not the frozen base."""
+        return lora_layers(transformer, state_dict)
+
+    def write_context(self, transformer):
+        return lora_metadata(transformer)
+
+    def write(self, directory: Path, metadata: dict, layers: dict[str, torch.Tensor]) -> None:
+        write_lora_layers(directory, layers, metadata)
 
     def read(self, directory: Path) -> dict[str, torch.Tensor]:
         return read_lora(directory).parameters()

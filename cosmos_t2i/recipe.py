@@ -21,6 +21,7 @@ MAY_DIFFER_ON_RESUME = {
     "validation_aspect_ratio", "push_to_hub", "hub_model_id", "dataloader_num_workers", "max_nonfinite_steps",
     "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name", "distributed_timeout",
     "validation_metrics", "validation_dino_model", "validation_clip_model",
+    "async_save", "verify_checksums", "debug",
 }
 # How the run is spread over processes may change too (preemptible clusters give back another GPU count): the
 # trainer converts the data position to the same global batch and reports a changed effective batch. What the

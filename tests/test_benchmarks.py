@@ -3,7 +3,7 @@ what BENCHMARKS.md quotes: the fast path's first loss and final latents next to 
 
 import json
 
-from benchmarks import bench_caption, bench_infer, bench_scaling, bench_train
+from benchmarks import bench_caption, bench_infer, bench_save, bench_scaling, bench_train
 
 
 def test_bench_train_compares_the_fast_path_with_the_plain_one(tmp_path):
@@ -45,3 +45,15 @@ def test_bench_caption_times_full_length_captions(tmp_path, monkeypatch):
                         "--height", "64", "--max_words", "5", "--out", str(out)])
     [row] = json.loads(out.with_suffix(".json").read_text())
     assert row["batch"] == 2 and row["new_tokens"] == 18 and row["captions_per_s"] > 0
+
+
+def test_bench_save_times_synchronous_and_background_saves(tmp_path):
+    out = tmp_path / "save.md"
+    bench_save.main(["--model", "tiny", "--device", "cpu", "--height", "64", "--width", "64", "--batch_size", "1",
+                     "--steps", "4", "--save_every", "2", "--warmup", "1", "--save_dir", str(tmp_path / "ckpts"),
+                     "--out", str(out)])
+    none, sync, background = json.loads(out.with_suffix(".json").read_text())
+    assert [none["mode"], sync["mode"], background["mode"]] == ["none", "sync", "async"]
+    assert sync["saves"] == background["saves"] == 2 and sync["checkpoint_gb"] == background["checkpoint_gb"] > 0
+    assert background["host_gib"] > 0 and sync["host_gib"] == 0  # the copy that a background save writes from
+    assert not any((tmp_path / "ckpts").iterdir())  # the benchmark's checkpoints are removed

@@ -118,7 +118,7 @@ def _assert_complete(checkpoint: Path, processes: int) -> None:
     assert (checkpoint / ckpt.OPTIM / "optimizer.pt").is_file()
     assert (checkpoint / ckpt.SCHEDULER / "scheduler.pt").is_file()
     assert sorted(p.name for p in (checkpoint / ckpt.TRAINER).iterdir()) == \
-        sorted([ckpt.CONFIG, ckpt.STATE, *(f"rng_{r}.pt" for r in range(processes))])
+        sorted([ckpt.CHECKSUMS, ckpt.CONFIG, ckpt.STATE, *(f"rng_{r}.pt" for r in range(processes))])
 
 
 def test_two_nodes_continue_a_one_node_run_and_one_node_continues_theirs(dataset, tmp_path, caplog):

@@ -157,6 +157,7 @@ def test_resume_into_another_optimizer_layout_is_refused_before_loading(dataset,
     run = train(*_flags(dataset, tmp_path / "run", 1, "--max_iter", 1, "--save_iter", 1))
     config = ckpt.read_config(run)
     (run / "trainer" / "config.json").write_text(json.dumps(dict(config, distributed_type="DistributedType.FSDP")))
+    (run / "trainer" / "checksums.json").unlink()  # the edit would be refused as damage otherwise
     for method in (FullFineTune, LoraFineTune):
         monkeypatch.setattr(method, "build", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"Cannot resume .*iter_000000001: distributed_type: DistributedType\.FSDP "
