@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 import math
-import signal
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,13 +30,15 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i import hub, speed
+from cosmos_t2i import hub, run_folder, speed
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
 from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
-                               distribution_change_refused, effective_batch, linear_decay)
+                               distribution_change_refused, effective_batch, linear_decay, reschedule)
 from cosmos_t2i.methods import training_method
+from cosmos_t2i.dataset_format import content_fingerprint
+from cosmos_t2i.stopping import StopOnSignal, exit_code, stop_requested_before_start
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.fidelity import default_metric_models
@@ -113,7 +115,12 @@ def parse_args(argv=None):
     out.add_argument("--output_dir", default=None,
                      help="Default: checkpoints/posttraining/text2image/<model>_<full|lora>.")
     out.add_argument("--resume_from_checkpoint", default="latest", help="'latest' (resume if OUTPUT_DIR has "
-                     "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over.")
+                     "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over (the previous "
+                     "run's checkpoints/ is moved to checkpoints.previous-<UTC time>).")
+    out.add_argument("--init_from", default=None, metavar="CHECKPOINT", help="Start a new run from this checkpoint's "
+                     "weights only (an iter_* folder or a run's OUTPUT_DIR; full fine-tune: its model/, LoRA: its "
+                     "adapter), with a new optimizer, lr schedule and data order. Ignored when OUTPUT_DIR has a "
+                     "checkpoint to resume.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the last N checkpoints.")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     out.add_argument("--tracker_project_name", default="cosmos-predict2-text2image")
@@ -200,6 +207,10 @@ def main(args):
     if args.lr_start_factor is None:
         args.lr_start_factor = 1.0
     output_dir = Path(args.output_dir)
+    if stop_requested_before_start():  # restarted by the elastic agent after the launcher was stopped
+        logger.warning("The launcher was asked to stop: not starting.")
+        return None
+    run_folder.require_writable(output_dir)
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -228,8 +239,14 @@ def main(args):
     # The optimizer checkpoint's format and the data order depend on how the run is spread over processes.
     config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,
                                         world_size=accelerator.num_processes,
-                                        distributed_type=str(accelerator.distributed_type))))
+                                        distributed_type=str(accelerator.distributed_type),
+                                        dataset_fingerprint=None if args.synthetic_data
+                                        else content_fingerprint(args.dataset_dir))))
     resume = _checkpoint_to_resume(args, output_dir)
+    if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
+        run_folder.set_previous_run_aside(output_dir)
+    init = run_folder.init_checkpoint(args.init_from, args.lora, args.rank) \
+        if args.init_from and resume is None else None
     if resume is not None:
         saved_config = ckpt.read_config(resume)
         differing = config_differences(saved_config, config)
@@ -277,7 +294,7 @@ def main(args):
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
-    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume,
+    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume or init,
                                weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
                                and not accelerator.is_main_process)
     transformer.train()
@@ -306,10 +323,18 @@ def main(args):
         state = ckpt.load_checkpoint(accelerator, resume, model=transformer, optimizer=optimizer, scheduler=scheduler,
                                      seed=args.seed)
         iteration = state["iteration"]
+        if saved_config["max_iter"] != args.max_iter:
+            reschedule(scheduler, iteration)
+            logger.info("--max_iter %d (the run had %d): from iteration %d the lr factor falls linearly from %.3g to "
+                        "0 at %d, as in a run launched with --max_iter %d.", args.max_iter, saved_config["max_iter"],
+                        iteration, scheduler.lr_lambdas[0](iteration) if iteration < args.max_iter else 0.0,
+                        args.max_iter, args.max_iter)
         position = _continue_data(state["data_position"], saved_config["world_size"], accelerator.num_processes)
         if ema is not None:
             method.load_ema(ema, resume)
         logger.info("Resumed from %s (iteration %d)", resume, iteration)
+    elif init is not None:
+        logger.info("Initialised from the weights of %s; new optimizer, lr schedule and data order.", init)
     batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
                                    accelerator.process_index, position, args.dataloader_num_workers))
 
@@ -407,6 +432,7 @@ def main(args):
         _push(args, config, preset, method, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration),
               zip(validation_images.get(iteration, []), args.validation_prompt or []))
     accelerator.end_training()
+    args.reached_iteration = iteration  # for the exit code (exit_code); not part of the run's config
     return ckpt.latest_checkpoint(output_dir)
 
 
@@ -496,35 +522,6 @@ def _loggable(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
 
 
-class StopOnSignal:
-    """SIGTERM / SIGINT ask the run to stop: it finishes the current step, saves a checkpoint and exits cleanly.
-    A second Ctrl-C interrupts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Received %s: stopping after this step.", signal.Signals(signum).name)
-
-    def agreed(self, accelerator) -> bool:
-        """Whether any process was asked to stop: all of them must save together."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return accelerator.reduce(flag, "max").item() > 0
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def _push(args, config: dict, preset, method, data, checkpoint: Path, validation) -> None:
     """Upload the final model/ with a model card and the final validation images ((path, prompt) pairs)."""
     pairs = list(validation)
@@ -556,5 +553,13 @@ def recipe_summary(config: dict, method) -> dict:
     }
 
 
+def _run() -> None:
+    args = parse_args()
+    main(args)
+    sys.exit(exit_code(getattr(args, "reached_iteration", 0), args.max_iter))  # 75: stopped early, a rerun resumes
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    from cosmos_t2i.user_errors import run
+
+    run(_run)
