@@ -7,7 +7,11 @@
 DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
 model (cosmos_t2i/models.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
 the same command resumes from the latest one, also on another number of GPUs (the data continues from the same
-global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits.
+global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits;
+`python -m cosmos_t2i.launch` instead of `accelerate launch` also waits for that when the launcher is signalled.
+
+Exit codes: 0 the run reached --max_iter; 75 (EX_TEMPFAIL) stopped before it, by a signal: rerun the same command
+to resume; 2 a mistake in the flags or inputs (one `error:` line); 1 a failure.
 """
 
 from __future__ import annotations
