@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(argv)
     os.environ[LAUNCHER_ENV] = "1"
-    # torchrun's agent reads this when it starts the workers; no name matches, so it leaves ours in place (and logs
-    # one warning that it registered none).
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ""
+    # torchrun's --signals_to_handle (its PET_ variable sets the default accelerate passes on): no name matches, so
+    # its agent leaves our handlers in place (and logs one warning that it registered none).
+    os.environ["PET_SIGNALS_TO_HANDLE"] = ""
     script = os.path.basename(args.training_script)
     for signum in SIGNALS:
         signal.signal(signum, lambda s, frame: _forward(s, script))

@@ -44,9 +44,25 @@ def exit_code(iteration: int, max_iter: int) -> int:
     return EXIT_FINISHED if iteration >= max_iter else EXIT_STOPPED
 
 
+# How the launchers appear in their command line: `accelerate launch` (or `python -m accelerate.commands.launch`),
+# torchrun (`python -m torch.distributed.run`), ours.
+_LAUNCHER_NAMES = ("accelerate", "accelerate.commands.launch", "torchrun", "torch.distributed.run",
+                   "cosmos_t2i.launch")
+
+
 def under_launcher() -> bool:
-    """torchrun sets LOCAL_RANK; our launcher sets LAUNCHER_ENV."""
-    return "LOCAL_RANK" in os.environ or LAUNCHER_ENV in os.environ
+    """Whether a launcher started this process: torchrun sets LOCAL_RANK, ours LAUNCHER_ENV; accelerate's
+    one-process launcher sets nothing that a user might not set too, so its command line is looked at. (A
+    process started from a shell is not one: a shell that exits must not stop a `nohup` run.)"""
+    if "LOCAL_RANK" in os.environ or LAUNCHER_ENV in os.environ:
+        return True
+    try:
+        import psutil
+
+        command = psutil.Process(_PARENT).cmdline()
+    except Exception:  # gone, or no psutil (it comes with accelerate)
+        return False
+    return any(os.path.basename(part) in _LAUNCHER_NAMES for part in command[:3])
 
 
 class StopOnSignal:
@@ -55,14 +71,15 @@ class StopOnSignal:
 
     def __enter__(self):
         self.requested = False
+        self.launched = under_launcher()
         self.previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        if under_launcher():
+        if self.launched:
             _signal_me_when_parent_dies(signal.SIGTERM)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            if signum == signal.SIGINT and not under_launcher():
+            if signum == signal.SIGINT and not self.launched:
                 raise KeyboardInterrupt
             logger.info("Received %s again: already stopping after this step.", signal.Signals(signum).name)
             return
@@ -79,7 +96,7 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-        if under_launcher():
+        if self.launched:
             _signal_me_when_parent_dies(0)
 
 
