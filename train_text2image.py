@@ -240,12 +240,14 @@ def main(args):
                        "The FSDP2 config (accelerate_configs/fsdp2_8gpu.yaml) compiles them.")
         args.compile = False
 
+    # The data as a resume compares it: by content (read by the main process only), not by its path's text.
+    fingerprint = broadcast_object_list([content_fingerprint(args.dataset_dir) if args.dataset_dir
+                                         and not args.synthetic_data and accelerator.is_main_process else None])[0]
     # The optimizer checkpoint's format and the data order depend on how the run is spread over processes.
     config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,
                                         world_size=accelerator.num_processes,
                                         distributed_type=str(accelerator.distributed_type),
-                                        dataset_fingerprint=None if args.synthetic_data
-                                        else content_fingerprint(args.dataset_dir))))
+                                        dataset_fingerprint=fingerprint)))
     resume = _checkpoint_to_resume(args, output_dir)
     if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
         run_folder.set_previous_run_aside(output_dir)

@@ -15,6 +15,7 @@ it restarts (--max_restarts) exits at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(argv)
     os.environ[LAUNCHER_ENV] = "1"
     # torchrun's --signals_to_handle (its PET_ variable sets the default accelerate passes on): no name matches, so
-    # its agent leaves our handlers in place (and logs one warning that it registered none).
+    # its agent leaves our handlers in place. It logs that with a traceback, which is dropped here.
     os.environ["PET_SIGNALS_TO_HANDLE"] = ""
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to register signal handler"))
     script = os.path.basename(args.training_script)
     for signum in SIGNALS:
         signal.signal(signum, lambda s, frame: _forward(s, script))
