@@ -117,11 +117,13 @@ class Launch:
 @pytest.mark.parametrize("processes, target", [(2, "launcher"), (1, "group")], ids=["2-processes", "1-group"])
 def test_stopped_launcher_returns_75_after_every_trainer_saved(dataset, tmp_path, processes, target):
     """2 processes (torchrun's agent inside accelerate): SIGTERM to the launcher alone, as docker stop does.
-    1 process (accelerate's Popen): SIGTERM to the whole group, as a shell's kill -- -PGID or Ctrl-C does."""
+    1 process (accelerate's Popen): SIGINT to the whole group, as Ctrl-C in a terminal: the trainer gets it twice,
+    from the terminal and forwarded by the launcher, and still saves (a second Ctrl-C interrupts only a trainer run
+    without a launcher)."""
     with Launch(_accelerate(processes), dataset, tmp_path / "out") as launch:
         trainers = launch.wait_for_training(processes)
         if target == "group":
-            os.killpg(launch.launcher.pid, signal.SIGTERM)
+            os.killpg(launch.launcher.pid, signal.SIGINT)
         else:
             launch.launcher.send_signal(signal.SIGTERM)
         returncode = launch.launcher.wait(timeout=180)
@@ -157,3 +159,19 @@ def test_trainers_of_a_dead_launcher_save_and_stop(dataset, tmp_path, launcher, 
         gone, alive = psutil.wait_procs(trainers, timeout=180)
         assert not alive, launch.log()[-4000:]  # before: they trained on towards --max_iter
     launch.assert_stopped_with_a_checkpoint()
+
+
+def test_a_repeated_ctrl_c_interrupts_only_without_a_launcher(monkeypatch):
+    from cosmos_t2i.stopping import StopOnSignal
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("COSMOS_T2I_LAUNCHER", raising=False)
+    with pytest.raises(KeyboardInterrupt), StopOnSignal() as stop:  # run from a shell: the second one interrupts
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # under torchrun: the same signal can arrive twice (sender and agent)
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
