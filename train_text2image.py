@@ -249,10 +249,10 @@ def main(args):
                                         distributed_type=str(accelerator.distributed_type),
                                         dataset_fingerprint=fingerprint)))
     resume = _checkpoint_to_resume(args, output_dir)
-    if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
-        run_folder.set_previous_run_aside(output_dir)
     init = run_folder.init_checkpoint(args.init_from, args.lora, args.rank) \
         if args.init_from and resume is None else None
+    if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
+        run_folder.set_previous_run_aside(output_dir)
     if resume is not None:
         saved_config = ckpt.read_config(resume)
         differing = config_differences(saved_config, config)

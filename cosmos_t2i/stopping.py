@@ -94,6 +94,14 @@ class StopOnSignal:
         return accelerator.reduce(flag, "max").item() > 0
 
     def __exit__(self, *exc):
+        if self.launched and self.requested:
+            # On its way out after a stop: torchrun's agent sends SIGTERM to every worker still alive once the first
+            # has exited, which must not cut this one's exit short (it saw 75 from one worker and -15 from the
+            # other). Ignored, not handled: the interpreter resets Python-level handlers to the default as it
+            # finalizes, which took seconds here; it keeps SIG_IGN.
+            for s in SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         if self.launched:

@@ -171,7 +171,14 @@ def test_a_repeated_ctrl_c_interrupts_only_without_a_launcher(monkeypatch):
         assert stop.requested
         os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setenv("LOCAL_RANK", "0")  # under torchrun: the same signal can arrive twice (sender and agent)
-    with StopOnSignal() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-    assert stop.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        # On its way out the process ignores the agent's follow-up SIGTERM (it would end the exit with -15).
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
