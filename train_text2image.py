@@ -72,7 +72,8 @@ def parse_args(argv=None):
                       help="Share of samples trained with a zero text embedding, for CFG (NVIDIA: 0.2).")
 
     recipe = parser.add_argument_group("recipe (defaults: NVIDIA's for the model)")
-    recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run.")
+    recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run. A rerun with a larger "
+                        "value extends a finished or stopped run, on the schedule of the new length (README).")
     recipe.add_argument("--save_iter", type=int, default=500, help="Save a checkpoint every this many steps and at "
                         "the end; 0 saves nothing (benchmarks).")
     recipe.add_argument("--train_batch_size", type=int, default=1, help="Images per GPU per micro-step.")
