@@ -7,7 +7,11 @@
 DATA is made by prepare_dataset.py and embed_captions.py. Every recipe value defaults to NVIDIA's for the chosen
 model (cosmos_t2i/models.py) and is a flag. Checkpoints go to OUTPUT_DIR/checkpoints/iter_NNNNNNNNN/ and a rerun of
 the same command resumes from the latest one, also on another number of GPUs (the data continues from the same
-global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits.
+global batch). SIGTERM / Ctrl-C saves a checkpoint at the end of the step (unless --save_iter 0) and exits;
+`python -m cosmos_t2i.launch` instead of `accelerate launch` also waits for that when the launcher is signalled.
+
+Exit codes: 0 the run reached --max_iter; 75 (EX_TEMPFAIL) stopped before it, by a signal: rerun the same command
+to resume; 2 a mistake in the flags or inputs (one `error:` line); 1 a failure.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import argparse
 import json
 import logging
 import math
-import signal
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,14 +34,16 @@ from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, In
 from tqdm.auto import tqdm
 
 from cosmos_t2i import checkpoint as ckpt
-from cosmos_t2i import hub, memory, prior_preservation, speed, user_errors
+from cosmos_t2i import hub, memory, prior_preservation, run_folder, speed, user_errors
 from cosmos_t2i.checkpoint_integrity import verify_for_resume
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
 from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_differences,
-                               distribution_change_refused, effective_batch, linear_decay)
+                               distribution_change_refused, effective_batch, linear_decay, reschedule)
 from cosmos_t2i.methods import training_method
+from cosmos_t2i.dataset_format import content_fingerprint
+from cosmos_t2i.stopping import StopOnSignal, exit_code, stop_requested_before_start
 from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.fidelity import default_metric_models
@@ -73,7 +79,8 @@ def parse_args(argv=None):
     prior_preservation.add_arguments(parser)
 
     recipe = parser.add_argument_group("recipe (defaults: NVIDIA's for the model)")
-    recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run.")
+    recipe.add_argument("--max_iter", type=int, default=1000, help="Optimizer steps in the run. A rerun with a larger "
+                        "value extends a finished or stopped run, on the schedule of the new length (README).")
     recipe.add_argument("--save_iter", type=int, default=500, help="Save a checkpoint every this many steps and at "
                         "the end; 0 saves nothing (benchmarks).")
     recipe.add_argument("--train_batch_size", type=int, default=1, help="Images per GPU per micro-step.")
@@ -120,7 +127,12 @@ def parse_args(argv=None):
     out.add_argument("--output_dir", default=None,
                      help="Default: checkpoints/posttraining/text2image/<model>_<full|lora>.")
     out.add_argument("--resume_from_checkpoint", default="latest", help="'latest' (resume if OUTPUT_DIR has "
-                     "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over.")
+                     "checkpoints/latest_checkpoint.txt), an iter_* folder, or 'none' to start over (the previous "
+                     "run's checkpoints/ is moved to checkpoints.previous-<UTC time>).")
+    out.add_argument("--init_from", default=None, metavar="CHECKPOINT", help="Start a new run from this checkpoint's "
+                     "weights only (an iter_* folder or a run's OUTPUT_DIR; full fine-tune: its model/, LoRA: its "
+                     "adapter), with a new optimizer, lr schedule and data order. Ignored when OUTPUT_DIR has a "
+                     "checkpoint to resume.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the last N checkpoints.")
     out.add_argument("--async_save", dest="async_save", action="store_true", default=True,
                      help="Write checkpoints in the background from a copy in host memory, while training goes on "
@@ -226,6 +238,10 @@ def _train(args):
     if args.lr_start_factor is None:
         args.lr_start_factor = 1.0
     output_dir = Path(args.output_dir)
+    if stop_requested_before_start():  # restarted by the elastic agent after the launcher was stopped
+        logger.warning("The launcher was asked to stop: not starting.")
+        return None
+    run_folder.require_writable(output_dir)
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -251,11 +267,19 @@ def _train(args):
                        "The FSDP2 config (accelerate_configs/fsdp2_8gpu.yaml) compiles them.")
         args.compile = False
 
+    # The data as a resume compares it: by content (read by the main process only), not by its path's text.
+    fingerprint = broadcast_object_list([content_fingerprint(args.dataset_dir) if args.dataset_dir
+                                         and not args.synthetic_data and accelerator.is_main_process else None])[0]
     # The optimizer checkpoint's format and the data order depend on how the run is spread over processes.
     config = json.loads(json.dumps(dict(vars(args), preset=preset.name if preset else None,
                                         world_size=accelerator.num_processes,
-                                        distributed_type=str(accelerator.distributed_type))))
+                                        distributed_type=str(accelerator.distributed_type),
+                                        dataset_fingerprint=fingerprint)))
     resume = _checkpoint_to_resume(args, output_dir)
+    init = run_folder.init_checkpoint(args.init_from, args.lora, args.rank) \
+        if args.init_from and resume is None else None
+    if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
+        run_folder.set_previous_run_aside(output_dir)
     if resume is not None:
         verify_for_resume(accelerator, resume, hashes=args.verify_checksums)
         saved_config = ckpt.read_config(resume)
@@ -305,7 +329,7 @@ def _train(args):
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
-    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume,
+    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume or init,
                                weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
                                and not accelerator.is_main_process)
     transformer.train()
@@ -335,10 +359,18 @@ def _train(args):
         state = ckpt.load_checkpoint(accelerator, resume, model=transformer, optimizer=optimizer, scheduler=scheduler,
                                      seed=args.seed)
         iteration = state["iteration"]
+        if saved_config["max_iter"] != args.max_iter:
+            reschedule(scheduler, iteration)
+            logger.info("--max_iter %d (the run had %d): from iteration %d the lr factor falls linearly from %.3g to "
+                        "0 at %d, as in a run launched with --max_iter %d.", args.max_iter, saved_config["max_iter"],
+                        iteration, scheduler.lr_lambdas[0](iteration) if iteration < args.max_iter else 0.0,
+                        args.max_iter, args.max_iter)
         position = _continue_data(state["data_position"], saved_config["world_size"], accelerator.num_processes)
         if ema is not None:
             method.load_ema(ema, resume)
         logger.info("Resumed from %s (iteration %d)", resume, iteration)
+    elif init is not None:
+        logger.info("Initialised from the weights of %s; new optimizer, lr schedule and data order.", init)
     if prior is None:
         batches = iter(make_dataloader(data, args.train_batch_size, args.seed, accelerator.num_processes,
                                        accelerator.process_index, position, args.dataloader_num_workers))
@@ -447,6 +479,7 @@ def _train(args):
         _push(args, config, preset, method, data, output_dir / ckpt.CHECKPOINTS / ckpt.iter_name(iteration),
               zip(validation_images.get(iteration, []), args.validation_prompt or []))
     accelerator.end_training()
+    args.reached_iteration = iteration  # for the exit code (exit_code); not part of the run's config
     return ckpt.latest_checkpoint(output_dir)
 
 
@@ -537,35 +570,6 @@ def _loggable(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
 
 
-class StopOnSignal:
-    """SIGTERM / SIGINT ask the run to stop: it finishes the current step, saves a checkpoint and exits cleanly.
-    A second Ctrl-C interrupts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("Received %s: stopping after this step.", signal.Signals(signum).name)
-
-    def agreed(self, accelerator) -> bool:
-        """Whether any process was asked to stop: all of them must save together."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
-        return accelerator.reduce(flag, "max").item() > 0
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def _push(args, config: dict, preset, method, data, checkpoint: Path, validation) -> None:
     """Upload the final model/ with a model card and the final validation images ((path, prompt) pairs)."""
     pairs = list(validation)
@@ -597,5 +601,11 @@ def recipe_summary(config: dict, method) -> dict:
     }
 
 
+def _run() -> None:
+    args = parse_args()
+    main(args)
+    sys.exit(exit_code(getattr(args, "reached_iteration", 0), args.max_iter))  # 75: stopped early, a rerun resumes
+
+
 if __name__ == "__main__":
-    user_errors.run(lambda: main(parse_args()))
+    user_errors.run(_run)

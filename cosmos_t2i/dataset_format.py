@@ -62,3 +62,23 @@ def load_embedded_dataset(dataset_dir: str | Path):
     if T5_COLUMN not in dataset.column_names:
         raise ValueError(f"{path} has no {T5_COLUMN!r} column; re-run embed_captions.py on {dataset_dir}.")
     return dataset
+
+
+def content_fingerprint(dataset_dir: str | Path) -> str | None:
+    """sha256 of the embedded dataset's data (its .arrow files, in name order): what training reads, wherever the
+    folder is and however its path is written. None when there is no embedded dataset (the loader says why).
+
+    Reads every byte once per start, at disk speed (the data is read again for training anyway)."""
+    import hashlib
+
+    path = embedded_dir(dataset_dir)
+    files = sorted(path.glob("*.arrow")) if (path / INFO_FILE).is_file() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

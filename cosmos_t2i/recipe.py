@@ -22,6 +22,13 @@ MAY_DIFFER_ON_RESUME = {
     "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name", "distributed_timeout",
     "validation_metrics", "validation_dino_model", "validation_clip_model",
     "async_save", "verify_checksums", "debug",
+    # The data is compared by its content (dataset_fingerprint), not by the text of its path: `ds`, `ds/` and a
+    # moved copy are the same dataset.
+    "dataset_dir",
+    # A longer (or shorter) run continues with the schedule recomputed for the new length (reschedule).
+    "max_iter",
+    # Only the start of a run reads it; a resume reads the run's own checkpoint.
+    "init_from",
 }
 # How the run is spread over processes may change too (preemptible clusters give back another GPU count): the
 # trainer converts the data position to the same global batch and reports a changed effective batch. What the
@@ -44,9 +51,33 @@ def linear_decay(max_iter: int, start_factor: float):
     return lambda it: start_factor * max(0.0, 1.0 - it / max_iter)
 
 
+def reschedule(scheduler, iteration: int) -> None:
+    """Set the lr of step `iteration` from the scheduler's current lambda (built from this launch's --max_iter).
+
+    Extending a run: the factor is the one a run launched with the new --max_iter would have at this step,
+    start_factor x (1 - iteration / new max_iter), and it falls linearly to 0 at the new end. A run extended from 1000
+    to 2000 steps at step 1000 continues at half the peak lr (it had decayed to 0), exactly as a 2000-step run would
+    be at step 1000. The loaded optimizer holds the lr the old schedule set, so it is recomputed here."""
+    assert scheduler.last_epoch == iteration, (scheduler.last_epoch, iteration)  # stepped once per optimizer step
+    groups = scheduler.optimizer.param_groups
+    for group, base_lr, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(iteration)  # what LambdaLR.step() computes, without its step-order warning
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     keys = (saved.keys() | current.keys()) - MAY_DIFFER_ON_RESUME - ADAPTED_ON_RESUME
+    if "dataset_fingerprint" not in saved:  # saved before datasets had fingerprints: compare where they are
+        keys = (keys - {"dataset_fingerprint"}) | ({"dataset_dir"} if _same_path(saved, current) is False else set())
     return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def _same_path(saved: dict, current: dict) -> bool | None:
+    from pathlib import Path
+
+    if saved.get("dataset_dir") is None or current.get("dataset_dir") is None:
+        return None
+    return Path(saved["dataset_dir"]).resolve() == Path(current["dataset_dir"]).resolve()
 
 
 def effective_batch(config: dict) -> int:
