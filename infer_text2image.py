@@ -299,8 +299,10 @@ def main(args):
                 image = generate(pipe, request.prompt, request.negative_prompt, request.height, request.width,
                                  args.num_steps, args.guidance, request.seed, batched_cfg, denoiser, args.sampler)
             except ValueError as error:
-                if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
+                if not str(error).startswith(UNSAFE_TEXT):
                     raise
+                if len(requests) == 1:  # the user's prompt, not a bug: one line
+                    raise BadValue(f"{request.output} not written: {error}") from error
                 bar.write(f"skipped {request.output}: the guardrail refused its prompt")  # as NVIDIA's script does
                 continue
             save_image(image, request.output)

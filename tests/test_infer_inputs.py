@@ -147,3 +147,15 @@ def test_a_prompt_list_checks_every_output_before_the_first_image(tiny_model_dir
     infer_main("--model", "tiny", "--batch_input_json", batch)
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'ok' / 'a.png'}" in out and f"wrote {tmp_path / 'ok' / 'b.jpg'}" in out
+
+
+def test_the_guardrail_refusing_the_only_prompt_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ValueError(f"{infer.UNSAFE_TEXT} in the prompt: {PROMPT}.")
+
+    monkeypatch.setattr(infer, "generate", refuse)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'x.png'} not written: Cosmos Guardrail") as error:
+        infer_main("--model", "tiny", "--prompt", PROMPT, "--save_path", tmp_path / "x.png")
+    from cosmos_t2i.user_errors import UserError
+
+    assert isinstance(error.value, UserError)
