@@ -66,7 +66,7 @@ def parse_args(argv=None):
                            f"{len(ev.PRIOR_PROMPTS)} scenes without it.")
     data.add_argument("--num_images_per_prompt", type=int, default=4,
                       help="Images per prompt, with seeds --seed, --seed + 1, ...: the same for every candidate.")
-    data.add_argument("--seed", type=int, default=0, help="The first seed.")
+    data.add_argument("--seed", type=cli.seed, default=0, help="The first seed.")
 
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--aspect_ratio", default="1:1", choices=list(ASPECT_RATIOS),
