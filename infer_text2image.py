@@ -225,7 +225,9 @@ def reproduce_command(args, model: str, request: Request, scales: list[float], c
     cmd += ["--aspect_ratio", request.aspect_ratio] if request.aspect_ratio else \
         ["--height", str(request.height), "--width", str(request.width)]
     if args.dit_path:
-        cmd += ["--dit_path", args.dit_path] + (["--load_ema"] if args.load_ema else [])
+        cmd += ["--dit_path", args.dit_path]
+    if args.load_ema:  # of --dit_path and of every --lora
+        cmd.append("--load_ema")
     if args.nvidia_lora_alpha is not None:
         cmd += ["--nvidia_lora_alpha", str(args.nvidia_lora_alpha)]
     if args.lora:

@@ -4,6 +4,7 @@ checked, and a prompt list's outputs are all checked before the first image."""
 
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def test_load_ema_with_lora_uses_the_ema_adapter(lora_run, tmp_path):
     sidecar = json.loads((tmp_path / "a.json").read_text())
     assert [lora["ema"] for lora in sidecar["loras"]] == [True]
     assert sidecar["loras"][0]["path"].endswith("model/ema/pytorch_lora_weights.safetensors")
+    assert "--load_ema" in shlex.split(sidecar["command"])  # its command makes the same image again
     with pytest.raises(ValueError, match="single LoRA file, with no EMA"):  # refused, not silently ignored
         infer_main("--model", "tiny", "--lora", lora_run / "model" / "pytorch_lora_weights.safetensors", "--load_ema",
                    "--prompt", PROMPT, "--save_path", tmp_path / "d.png")
