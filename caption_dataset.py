@@ -13,18 +13,17 @@ the default model is Qwen3-VL-4B-Instruct.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from cosmos_t2i import captioning
+from cosmos_t2i import captioning, cli, user_errors
 from cosmos_t2i.models import dtype_named
 
 logger = logging.getLogger("caption_dataset")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Caption an imagefolder's images with a vision-language model.")
+    parser = cli.parser("Caption an imagefolder's images with a vision-language model.")
     parser.add_argument("--dataset_dir", required=True,
                         help="The imagefolder made by prepare_dataset.py (images + metadata.jsonl), captioned in "
                              "place.")
@@ -87,4 +86,4 @@ def main(argv=None) -> captioning.Report:
 
 
 if __name__ == "__main__":
-    main()
+    user_errors.run(main)

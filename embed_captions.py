@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from cosmos_t2i import dataset_format as fmt
-from cosmos_t2i import embedding, user_errors
+from cosmos_t2i import cli, embedding, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.models import resolve_model
 
@@ -32,7 +32,8 @@ logger = logging.getLogger("embed_captions")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Add T5 caption embeddings (and VAE latents) to an imagefolder.")
+    parser = argparse.ArgumentParser(description="Add T5 caption embeddings (and VAE latents) to an imagefolder.",
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--dataset_dir", required=True,
                         help="The imagefolder made by prepare_dataset.py; the result goes to DATASET_DIR/embedded. "
                              "With --from_nvidia_dir, the folder to create.")

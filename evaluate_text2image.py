@@ -18,10 +18,10 @@ those within --max_drift.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
+from cosmos_t2i import cli
 from cosmos_t2i import evaluation as ev
 from cosmos_t2i.checkpoint_paths import NoEMAError
 from cosmos_t2i.fidelity import CLIP_MODEL, DINO_MODEL, TINY, MetricModels, default_metric_models
@@ -31,12 +31,8 @@ from cosmos_t2i.sampling import SAMPLERS, uses_unconditional_pass
 DEFAULT_MAX_DRIFT = 0.3
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    parser = cli.parser(__doc__)
     what = parser.add_argument_group("what to compare (the base model is always one of them)")
     what.add_argument("--run_dir", nargs="+", default=[],
                       help="train_text2image.py --output_dir(s): every checkpoint under checkpoints/iter_*.")
@@ -70,7 +66,7 @@ def parse_args(argv=None):
                            f"{len(ev.PRIOR_PROMPTS)} scenes without it.")
     data.add_argument("--num_images_per_prompt", type=int, default=4,
                       help="Images per prompt, with seeds --seed, --seed + 1, ...: the same for every candidate.")
-    data.add_argument("--seed", type=int, default=0, help="The first seed.")
+    data.add_argument("--seed", type=cli.seed, default=0, help="The first seed.")
 
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--aspect_ratio", default="1:1", choices=list(ASPECT_RATIOS),
@@ -210,4 +206,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.main_entry(parse_args, main)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from cosmos_t2i import cli, user_errors
 from cosmos_t2i.atomic import atomic_output
-from cosmos_t2i.checkpoint_paths import Checkpoint, NoEMAError, loras_to_apply, resolve_checkpoint, resolve_lora
+from cosmos_t2i.checkpoint_paths import (Checkpoint, NoEMAError, loras_to_apply, resolve_checkpoint, resolve_lora,
+                                         trained_from)
 from cosmos_t2i.lora import expand_scales, read_lora, to_comfyui
 from cosmos_t2i.nvidia_format import save_nvidia_checkpoint
 from cosmos_t2i.models import DTYPES, Model, resolve_model
@@ -28,19 +30,19 @@ from cosmos_t2i.pipeline import fine_tuned_transformer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True)
 
-    nvidia = sub.add_parser("nvidia", help="ours -> NVIDIA's .pt (net.* and, when present, net_ema.*)")
+    nvidia = sub.add_parser("nvidia", formatter_class=cli.HelpFormatter, help="ours -> NVIDIA's .pt (net.* and, when present, net_ema.*)")
     nvidia.add_argument("--checkpoint", required=True, help="OUTPUT_DIR, an iter_N/ folder or its model/.")
     nvidia.add_argument("--model", default=None,
                         help="For a LoRA checkpoint: the base model it is merged into (default: the run's).")
 
-    comfyui = sub.add_parser("comfyui", help="LoRA -> ComfyUI's LoRA format for Cosmos-Predict2")
+    comfyui = sub.add_parser("comfyui", formatter_class=cli.HelpFormatter, help="LoRA -> ComfyUI's LoRA format for Cosmos-Predict2")
     comfyui.add_argument("--lora", required=True, help="An iter_N/ folder, its model/, a .safetensors or a hub id.")
     comfyui.add_argument("--load_ema", action="store_true", help="Export the EMA adapter (model/ema/).")
 
-    merged = sub.add_parser("diffusers", help="base + checkpoint + LoRA(s) -> one diffusers transformer folder")
+    merged = sub.add_parser("diffusers", formatter_class=cli.HelpFormatter, help="base + checkpoint + LoRA(s) -> one diffusers transformer folder")
     merged.add_argument("--model", default=None, help="2B, 14B, tiny, a pipeline folder or hub id (default: the run's).")
     merged.add_argument("--checkpoint", default=None,
                         help="Ours (full or LoRA) or NVIDIA's .pt, as infer_text2image.py --dit_path takes it.")
@@ -54,14 +56,15 @@ def parse_args(argv=None):
     for p in (nvidia, comfyui, merged):
         p.add_argument("--output", required=True)
         p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+        user_errors.add_debug_flag(p)
     return parser.parse_args(argv)
 
 
 def _base_model(args, checkpoints: list[Checkpoint]) -> Model:
     """--model, else the model the first of our runs among `checkpoints` was trained from."""
-    name = args.model or next((c.trained_from for c in checkpoints if c.trained_from), None)
+    name = args.model or trained_from(checkpoints)
     if name is None:
-        raise ValueError("Pass --model: the checkpoint does not record the model it was trained from.")
+        raise user_errors.BadValue("Pass --model: the checkpoint does not record the model it was trained from.")
     return resolve_model(name)
 
 
@@ -71,7 +74,7 @@ def export_nvidia(args) -> None:
     dtype = DTYPES[args.dtype]
     checkpoint = resolve_checkpoint(args.checkpoint)
     if checkpoint.kind == "nvidia":
-        raise ValueError(f"{args.checkpoint} is already an NVIDIA checkpoint.")
+        raise user_errors.BadValue(f"{args.checkpoint} is already an NVIDIA checkpoint.")
     try:
         ema = resolve_checkpoint(args.checkpoint, load_ema=True)
     except NoEMAError:
@@ -109,7 +112,7 @@ def export_comfyui(args) -> None:
 def export_diffusers(args) -> None:
     output = Path(args.output)
     if output.exists():
-        raise FileExistsError(f"{output} exists; choose a new --output folder.")
+        raise user_errors.ExistingOutput(f"{output} exists; choose a new --output folder.")
     checkpoint = resolve_checkpoint(args.checkpoint, args.load_ema) if args.checkpoint else None
     loras = loras_to_apply(checkpoint, args.lora)
     model = _base_model(args, ([checkpoint] if checkpoint else []) + loras)
@@ -127,4 +130,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.main_entry(parse_args, main)

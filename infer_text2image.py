@@ -19,7 +19,6 @@ Each image gets a sidecar JSON (same name, .json) with everything needed to make
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shlex
@@ -27,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-from cosmos_t2i.atomic import atomic_output
+from cosmos_t2i.atomic import atomic_output, unwritable_reason
 from cosmos_t2i.cuda_graphs import GraphedTransformer
-from cosmos_t2i.checkpoint_paths import loras_to_apply, resolve_checkpoint
+from cosmos_t2i.checkpoint_paths import loras_to_apply, resolve_checkpoint, trained_from
+from cosmos_t2i.local_paths import missing_path_message
+from cosmos_t2i.user_errors import BadValue, MissingInput
 from cosmos_t2i.lora import expand_scales
 from cosmos_t2i.pipeline import NoGuardrail, fine_tuned_transformer, load_pipeline, place_for_sampling
-from cosmos_t2i import fp8, memory, speed
+from cosmos_t2i import cli, fp8, memory, speed
 from cosmos_t2i.models import ASPECT_RATIOS, DTYPES, resolve_model
 from cosmos_t2i.sampling import SAMPLERS, generate, uses_unconditional_pass
 from cosmos_t2i.text_encoding import encode_prompts
@@ -43,15 +44,16 @@ COMPILE_AUTO_MIN_IMAGES = 4  # below this, compiling (~1 min) costs more than it
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
     model = parser.add_argument_group("model and checkpoint")
     model.add_argument("--model", default=None,
                        help="2B, 14B, tiny, a local pipeline folder or a hub id. Default: the model the --dit_path "
-                            f"run was trained from (its trainer/config.json), else {DEFAULT_MODEL}.")
+                            f"(else the first --lora) run was trained from (its trainer/config.json), else {DEFAULT_MODEL}.")
     model.add_argument("--dit_path", default=None,
                        help="Fine-tuned weights: a training OUTPUT_DIR (latest checkpoint), an iter_N/ folder, its "
                             "model/ (full fine-tune or LoRA), or NVIDIA's iter_N.pt / model.pt.")
-    model.add_argument("--load_ema", action="store_true", help="Use the EMA weights of --dit_path.")
+    model.add_argument("--load_ema", action="store_true",
+                       help="Use the EMA weights of --dit_path and the EMA adapter (model/ema/) of every --lora.")
     model.add_argument("--trust_checkpoint", action="store_true",
                        help="Load an NVIDIA .pt that torch.load(weights_only=True) refuses with weights_only=False "
                             "(runs code stored in the file: only for files you trust).")
@@ -111,7 +113,7 @@ def parse_args(argv=None):
                           "set seed, negative_prompt, aspect_ratio. Several processes split the list.")
     gen.add_argument("--save_path", default="output/generated_image.jpg",
                      help="Image path for --prompt; the extension picks the format.")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=cli.seed, default=0)
     gen.add_argument("--aspect_ratio", default="16:9", choices=list(ASPECT_RATIOS),
                      help="NVIDIA's sizes: 16:9 1360x768, 1:1 1024x1024, 4:3 1168x880, 3:4, 9:16 (the tiny model "
                           "has its own small ones).")
@@ -155,10 +157,12 @@ def read_requests(args, resolutions: dict) -> list[Request]:
     """The prompts to run, every one checked before anything is generated."""
     if args.batch_input_json is None:
         if not args.prompt.strip():
-            raise ValueError("--prompt is empty.")
+            raise BadValue("--prompt is empty.")
         items, where = [{"prompt": args.prompt, "output_image": args.save_path}], "--prompt"
     else:
         where = args.batch_input_json
+        if not Path(where).is_file():
+            raise MissingInput(missing_path_message("--batch_input_json", where))
         text = Path(where).read_text()
         try:
             items = json.loads(text)
@@ -168,9 +172,9 @@ def read_requests(args, resolutions: dict) -> list[Request]:
                 try:
                     items += [json.loads(line)] if line.strip() else []
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{where} line {number} is not JSON ({error}).") from error
+                    raise BadValue(f"{where} line {number} is not JSON ({error}).") from error
         if not isinstance(items, list) or not items:
-            raise ValueError(f"{where} holds no prompts: expected a non-empty list of {{'prompt', 'output_image'}}.")
+            raise BadValue(f"{where} holds no prompts: expected a non-empty list of {{'prompt', 'output_image'}}.")
 
     requests, errors = [], []
     for index, item in enumerate(items):
@@ -190,13 +194,24 @@ def read_requests(args, resolutions: dict) -> list[Request]:
         if _image_format(output) is None:
             errors.append(f"item {index}: {output} has no image extension PIL can write (.jpg, .png, .webp, ...)")
             continue
-        requests.append(Request(prompt, output, int(item.get("seed", args.seed)),
-                                item.get("negative_prompt", args.negative_prompt), width, height, aspect_ratio))
+        try:
+            seed = cli.check_seed(item.get("seed", args.seed), f"item {index}")
+        except BadValue as error:
+            errors.append(str(error).rstrip("."))
+            continue
+        # Checked now, for every item: a folder it cannot write would otherwise stop the run after the images
+        # before it were sampled (the sidecar goes beside the image, so one check covers both).
+        unwritable = unwritable_reason(output)
+        if unwritable:
+            errors.append(f"item {index}: cannot write {output}: {unwritable}")
+            continue
+        requests.append(Request(prompt, output, seed, item.get("negative_prompt", args.negative_prompt), width,
+                                height, aspect_ratio))
     # Sidecars too: a.png and a.jpg would share a.json.
     outputs = [r.output.resolve().with_suffix("") for r in requests]
     errors += [f"{path}.* is the output of several items" for path in sorted({p for p in outputs if outputs.count(p) > 1})]
     if errors:
-        raise ValueError(f"{where}: " + "; ".join(errors))
+        raise BadValue(f"{where}: " + "; ".join(errors))
     return requests
 
 
@@ -223,7 +238,9 @@ def reproduce_command(args, model: str, request: Request, scales: list[float], c
     cmd += ["--aspect_ratio", request.aspect_ratio] if request.aspect_ratio else \
         ["--height", str(request.height), "--width", str(request.width)]
     if args.dit_path:
-        cmd += ["--dit_path", args.dit_path] + (["--load_ema"] if args.load_ema else [])
+        cmd += ["--dit_path", args.dit_path]
+    if args.load_ema:  # of --dit_path and of every --lora
+        cmd.append("--load_ema")
     if args.nvidia_lora_alpha is not None:
         cmd += ["--nvidia_lora_alpha", str(args.nvidia_lora_alpha)]
     if args.lora:
@@ -251,9 +268,9 @@ def _sample(args):
     from tqdm.auto import tqdm
 
     dit = resolve_checkpoint(args.dit_path, args.load_ema) if args.dit_path else None
-    model = resolve_model(args.model or (dit.trained_from if dit else None) or DEFAULT_MODEL)
+    loras = loras_to_apply(dit, args.lora, args.load_ema)
+    model = resolve_model(args.model or trained_from([dit, *loras]) or DEFAULT_MODEL)
     requests = read_requests(args, model.resolutions)
-    loras = loras_to_apply(dit, args.lora)
     scales = expand_scales(args.lora_scale, len(loras))
 
     state = PartialState()
@@ -315,8 +332,10 @@ def _sample(args):
                              args.num_steps, args.guidance, request.seed, batched_cfg, denoiser, args.sampler,
                              prompt_embeds=embeddings[request.prompt][None], negative_prompt_embeds=negative)
         except ValueError as error:
-            if not str(error).startswith(UNSAFE_TEXT) or len(requests) == 1:
+            if not str(error).startswith(UNSAFE_TEXT):
                 raise
+            if len(requests) == 1:  # the user's prompt, not a bug: one line
+                raise BadValue(f"{request.output} not written: {error}") from error
             bar.write(f"skipped {request.output}: the guardrail refused its prompt")  # as NVIDIA's script does
             continue
         save_image(image, request.output)
@@ -325,6 +344,7 @@ def _sample(args):
                        command=reproduce_command(args, model.name, request, scales, compiled))
         with atomic_output(request.output.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        bar.write(f"wrote {request.output}")
     peak = memory.peak(state.device)
     if peak is not None:
         print(f"peak GPU memory {memory.gib(peak)} (text encoding included), process {state.process_index}")
@@ -332,4 +352,4 @@ def _sample(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.main_entry(parse_args, main)

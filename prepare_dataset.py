@@ -28,7 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cosmos_t2i import curation, frames, user_errors
+from cosmos_t2i import cli, curation, frames, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.dataset_format import METADATA_FILE
 
@@ -36,7 +36,8 @@ logger = logging.getLogger("prepare_dataset")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Turn videos and/or images with captions into an imagefolder.")
+    parser = argparse.ArgumentParser(description="Turn videos and/or images with captions into an imagefolder.",
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--input_dataset_dir", required=True,
                         help="Folder with videos and/or images, directly or in videos/ and images/ (NVIDIA's "
                              "layouts); captions in .txt files beside them or in metas/ unless --prompt is given.")

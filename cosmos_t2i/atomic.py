@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .user_errors import ExistingOutput
@@ -164,3 +165,24 @@ def require_empty_or_overwrite(path: str | os.PathLike, overwrite: bool) -> None
         raise ExistingOutput(f"{path} exists and is not a folder.")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ExistingOutput(f"{path} is not empty. Pass --overwrite to replace it, or choose another folder.")
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why `atomic_output(path)` would fail, checked before any work is done; None when it can write there.
+
+    Tried for real (a file created and removed in the nearest folder that exists) rather than asked of
+    os.access: permissions are not the only obstacle (read-only mounts, quotas), and root passes every access test.
+    """
+    path = Path(path).absolute()
+    if path.is_dir():
+        return f"{path} is a folder"
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror or error})"
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .user_errors import BadValue, MissingInput
+
 METADATA_FILE = "metadata.jsonl"  # the imagefolder's captions
 # What counts as an image of an input folder or an imagefolder.
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -48,19 +50,19 @@ def load_embedded_dataset(dataset_dir: str | Path):
 
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.exists():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"Dataset folder {dataset_dir} does not exist. Make one with "
             f"`python prepare_dataset.py --input_dataset_dir YOUR_VIDEOS --output_dataset_dir {dataset_dir}`."
         )
     path = embedded_dir(dataset_dir)
     if not (path / INFO_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{dataset_dir} has no T5 embeddings ({path / INFO_FILE} is missing). Run "
             f"`python embed_captions.py --dataset_dir {dataset_dir} --model MODEL` first."
         )
     dataset = datasets.load_from_disk(str(path))
     if T5_COLUMN not in dataset.column_names:
-        raise ValueError(f"{path} has no {T5_COLUMN!r} column; re-run embed_captions.py on {dataset_dir}.")
+        raise BadValue(f"{path} has no {T5_COLUMN!r} column; re-run embed_captions.py on {dataset_dir}.")
     return dataset
 
 

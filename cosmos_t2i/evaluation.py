@@ -14,6 +14,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .checkpoint_paths import Checkpoint, NoEMAError, resolve_checkpoint, resolve_lora
 from .models import DTYPES, Model
+from .user_errors import BadValue, MissingInput
 
 SUBJECT = "{subject}"
 # DreamBooth's 25 prompts for objects (github.com/google/dreambooth, prompts_and_classes.txt), with "{0} {1}"
@@ -82,13 +83,13 @@ def read_prompts(path: str | Path, subject: str | None) -> list[Prompt]:
             continue
         if SUBJECT in line:
             if not subject:
-                raise ValueError(f"{path} line {number} has {SUBJECT}: give the phrase with --subject, e.g. "
+                raise BadValue(f"{path} line {number} has {SUBJECT}: give the phrase with --subject, e.g. "
                                  "--subject 'sks teal robot'.")
             prompts.append(Prompt(line.replace(SUBJECT, subject), True))
         else:
             prompts.append(Prompt(line, False))
     if not any(p.subject for p in prompts):
-        raise ValueError(f"{path} has no subject prompt (a line with {SUBJECT}): nothing to measure the subject "
+        raise BadValue(f"{path} has no subject prompt (a line with {SUBJECT}): nothing to measure the subject "
                          "on.")
     return prompts
 
@@ -191,7 +192,7 @@ def collect_candidates(run_dirs: list[str], dit_paths: list[str], loras: list[st
     for run_dir in run_dirs:
         iterations = run_checkpoints(run_dir)
         if not iterations:
-            raise FileNotFoundError(f"--run_dir {run_dir} has no checkpoints ({Path(run_dir) / ckpt.CHECKPOINTS}"
+            raise MissingInput(f"--run_dir {run_dir} has no checkpoints ({Path(run_dir) / ckpt.CHECKPOINTS}"
                                     "/iter_*): pass a train_text2image.py --output_dir.")
         for iteration in iterations:
             checkpoints += _variants(str(iteration), ema_mode, resolve_checkpoint)
@@ -243,7 +244,7 @@ def load_reference_images(folder: str | Path, limit: int | None = None) -> list:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Reference folder {folder} does not exist.")
+        raise MissingInput(f"Reference folder {folder} does not exist.")
     if (folder / METADATA_FILE).is_file():
         with tempfile.TemporaryDirectory(prefix="cosmos-t2i-references-") as cache:
             dataset = load_imagefolder(folder, cache)
@@ -252,7 +253,7 @@ def load_reference_images(folder: str | Path, limit: int | None = None) -> list:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         images = [Image.open(files[i]).convert("RGB") for i in spread(len(files), limit)]
     if not images:
-        raise FileNotFoundError(f"Reference folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        raise MissingInput(f"Reference folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return images
 
 

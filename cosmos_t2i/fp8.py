@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .user_errors import BadValue, UserError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 _MIN_AMAX = 1e-12  # an all-zero row would otherwise divide by zero
@@ -116,10 +118,10 @@ def require_fp8_matmuls(device: torch.device, dtype: torch.dtype) -> None:
         return
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
-        raise RuntimeError(f"--fp8 needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
+        raise UserError(f"--fp8 needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); "
                            f"{torch.cuda.get_device_name(device)} has {capability}. Run without --fp8.")
     if dtype != torch.bfloat16:  # PyTorch's CUDA rowwise-scaled matmul writes bf16 only
-        raise ValueError(f"--fp8 computes in bfloat16 on a GPU: drop --dtype {str(dtype).removeprefix('torch.')}.")
+        raise BadValue(f"--fp8 computes in bfloat16 on a GPU: drop --dtype {str(dtype).removeprefix('torch.')}.")
 
 
 def quantize_transformer_blocks(transformer, device=None) -> int:

@@ -30,10 +30,11 @@ from diffusers.loaders.lora_pipeline import CosmosLoraLoaderMixin
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .models import describe_architecture
 from .nvidia_format import diffusers_to_nvidia_module
+from .user_errors import BadValue, unreadable_file
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -108,14 +109,16 @@ def read_lora(path: str | Path, source: str | None = None) -> Lora:
         path = path / WEIGHT_NAME
     source = source or str(path)
     key_prefix = f"{PREFIX}."
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    with unreadable_file(f"LoRA {source}" + (f" ({path})" if str(path) != source else ""),
+                         (OSError, SafetensorError)):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
     if any(k.startswith(key_prefix) for k in state_dict):
         state_dict = {k.removeprefix(key_prefix): v for k, v in state_dict.items() if k.startswith(key_prefix)}
     bad = [k for k in state_dict if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if bad or not state_dict:
-        raise ValueError(f"LoRA {source}: not a diffusers LoRA for the transformer (expected keys "
+        raise BadValue(f"LoRA {source}: not a diffusers LoRA for the transformer (expected keys "
                          f"'transformer.<module>.lora_A.weight' / 'lora_B.weight'; found e.g. {bad[:3]}).")
     config = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
     # A pipeline-level save prefixes the config's keys with the component name; a model-level save does not.
@@ -148,18 +151,18 @@ def check_lora_fits(lora: Lora, transformer) -> None:
     if wrong_shape:
         message += f" {len(wrong_shape)} modules have other shapes (made for another model size?), e.g. " + \
                    "; ".join(wrong_shape[:3])
-    raise ValueError(message + ".")
+    raise BadValue(message + ".")
 
 
 def expand_scales(scales: list[float] | None, count: int) -> list[float]:
     """`--lora_scale`: one value per LoRA, or one for all (default 1)."""
     if scales and not count:
-        raise ValueError("--lora_scale without a LoRA to scale.")
+        raise BadValue("--lora_scale without a LoRA to scale.")
     scales = list(scales or [1.0])
     if len(scales) == 1:
         scales *= count
     if len(scales) != count:
-        raise ValueError(f"{len(scales)} --lora_scale values for {count} LoRAs: give one per LoRA or one for all.")
+        raise BadValue(f"{len(scales)} --lora_scale values for {count} LoRAs: give one per LoRA or one for all.")
     return scales
 
 
@@ -188,7 +191,7 @@ def to_comfyui(lora: Lora) -> dict:
     for module in lora.modules:
         nvidia = diffusers_to_nvidia_module(module)
         if nvidia is None:
-            raise ValueError(f"LoRA {lora.source}: module {module} has no NVIDIA/ComfyUI name.")
+            raise BadValue(f"LoRA {lora.source}: module {module} has no NVIDIA/ComfyUI name.")
         down, up = lora.down(module), lora.up(module)
         out[f"{COMFYUI_PREFIX}{nvidia}.lora_A.weight"] = down
         out[f"{COMFYUI_PREFIX}{nvidia}.lora_B.weight"] = up

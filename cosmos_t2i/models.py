@@ -21,6 +21,8 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from . import tiny_pipeline
 from .hub_errors import explain_hub_errors
+from .local_paths import is_hub_id, looks_local, missing_path_message
+from .user_errors import BadValue, MissingInput
 from .speed import single_frame_vae_convs
 
 # The transformer configs of NVIDIA's text2image checkpoints (diffusers' conversion script,
@@ -175,16 +177,19 @@ def _model_path(model: str) -> str:
         return str(tiny_pipeline.tiny_pipeline_dir())
     if model in PRESETS:
         return PRESETS[model].hub_id
-    if Path(model).exists():
-        if not (Path(model) / "model_index.json").is_file():
-            raise FileNotFoundError(
+    if Path(model).expanduser().exists():
+        if not (Path(model).expanduser() / "model_index.json").is_file():
+            raise MissingInput(
                 f"{model} is not a diffusers pipeline folder (no model_index.json). Pass --model 2B, 14B, tiny, a "
                 "hub id, or a folder saved by Cosmos2TextToImagePipeline.save_pretrained."
             )
-        return model
-    if "/" in model and not model.startswith((".", "/")):
-        return model  # a hub id; from_pretrained reports a missing or gated repo
-    raise ValueError(f"Unknown model {model!r}: use 2B, 14B, tiny, a local pipeline folder, or a hub id.")
+        return str(Path(model).expanduser())
+    if is_hub_id(model):
+        return model  # from_pretrained reports a missing or gated repo
+    if looks_local(model):
+        raise MissingInput(missing_path_message("Model folder", model)[:-1] + ": pass a folder saved by "
+                           "Cosmos2TextToImagePipeline.save_pretrained, or --model 2B, 14B, tiny or a hub id.")
+    raise BadValue(f"Unknown model {model!r}: use 2B, 14B, tiny, a local pipeline folder, or a hub id.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,13 +254,13 @@ def describe_architecture(config: dict) -> str:
     return f"{name} ({layers} blocks x {heads} heads)" if name else f"{layers} blocks x {heads} heads of {head_dim}"
 
 
-def check_same_architecture(checkpoint_config: dict, model: Model) -> None:
-    """Refuse a checkpoint of another size than `--model`, naming both."""
+def check_same_architecture(checkpoint_config: dict, model: Model, source: str = "checkpoint") -> None:
+    """Refuse a checkpoint (`source`: its path, for the message) of another size than `--model`, naming both."""
     if _dims(checkpoint_config) == _dims(model.transformer_config):
         return
     model_desc = describe_architecture(model.transformer_config)
     if model.name not in PRESETS:
         model_desc = f"{model.name}, {model_desc}"
     hint = preset_name_for(checkpoint_config)
-    raise ValueError(f"checkpoint is {describe_architecture(checkpoint_config)}, --model is {model_desc}"
+    raise BadValue(f"{source} is {describe_architecture(checkpoint_config)}, --model is {model_desc}"
                      + (f": pass --model {hint}." if hint else "."))

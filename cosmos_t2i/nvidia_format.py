@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .user_errors import BadValue, unreadable_file
+
 NET, NET_EMA = "net.", "net_ema."
 
 # NVIDIA module -> diffusers module, outside the blocks.
@@ -82,7 +84,7 @@ def _rename(state_dict: dict, convert, direction: str) -> dict:
         else:
             out[f"{new_module}.{leaf}"] = value
     if unknown:
-        raise ValueError(f"{len(unknown)} keys have no {direction} name, e.g. {', '.join(unknown[:5])}. This is not a "
+        raise BadValue(f"{len(unknown)} keys have no {direction} name, e.g. {', '.join(unknown[:5])}. This is not a "
                        "Cosmos-Predict2 text2image DiT (Video2World and Cosmos 2.5 have other modules).")
     return out
 
@@ -106,11 +108,13 @@ def load_nvidia_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> 
     `trust_checkpoint` loads them with `weights_only=False`.
     """
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # RuntimeError: torch's for a truncated or non-zip file ("PytorchStreamReader failed ...", "mmap can only ...").
+        with unreadable_file(f"NVIDIA checkpoint {path}", (OSError, RuntimeError, EOFError)):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         if not trust_checkpoint:
             reason = str(error).strip().splitlines()[0]
-            raise ValueError(
+            raise BadValue(
                 f"{path} holds Python objects besides tensors, which torch.load(weights_only=True) refuses "
                 f"({reason}). NVIDIA's training checkpoints can carry such objects (e.g. Transformer Engine's "
                 "`_extra_state`). If you trust where the file came from, pass --trust_checkpoint to load it with "
@@ -122,7 +126,7 @@ def load_nvidia_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> 
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or not loaded:
-        raise ValueError(f"{path} does not hold a state dict (found {type(loaded).__name__}).")
+        raise BadValue(f"{path} does not hold a state dict (found {type(loaded).__name__}).")
     return loaded
 
 
@@ -149,13 +153,13 @@ def merge_peft_lora(state_dict: dict, alpha: float | None = None, dtype: torch.d
     merged = {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if k not in lora_keys}
     downs = {k.split(".lora_A.")[0]: k.split(".lora_A.")[1].split(".")[0] for k in lora_keys if ".lora_A." in k}
     if len(set(downs.values())) > 1:
-        raise ValueError(f"Found LoRA adapters {sorted(set(downs.values()))}; expected one to merge.")
+        raise BadValue(f"Found LoRA adapters {sorted(set(downs.values()))}; expected one to merge.")
     for module, adapter in downs.items():
         down = state_dict[f"{module}.lora_A.{adapter}.weight"].float()
         up = state_dict[f"{module}.lora_B.{adapter}.weight"].float()
         base_key = f"{module}.weight"
         if base_key not in merged:
-            raise KeyError(f"LoRA layer {module} has no base weight ({module}.base_layer.weight) to merge into.")
+            raise BadValue(f"LoRA layer {module} has no base weight ({module}.base_layer.weight) to merge into.")
         rank = down.shape[0]
         scale = (rank if alpha is None else alpha) / rank
         base = merged[base_key]
@@ -167,7 +171,7 @@ def nvidia_dims(state_dict: dict) -> dict:
     """num_layers / num_attention_heads / attention_head_dim of an NVIDIA DiT state dict (no prefix), from shapes."""
     needed = ("x_embedder.proj.1.weight", "blocks.0.self_attn.q_norm.weight")
     if any(k not in state_dict for k in needed):
-        raise ValueError(f"Not a Cosmos-Predict2 DiT: no {' / '.join(needed)} (keys start with "
+        raise BadValue(f"Not a Cosmos-Predict2 DiT: no {' / '.join(needed)} (keys start with "
                          f"{sorted(state_dict)[:3]}).")
     blocks = {int(m[1]) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
     hidden = state_dict[needed[0]].shape[0]

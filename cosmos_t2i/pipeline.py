@@ -14,6 +14,7 @@ from .checkpoint_paths import Checkpoint, NoEMAError
 from .lora import apply_loras, read_lora
 from .models import Model, as_model, check_same_architecture, load_base_transformer
 from .speed import single_frame_vae_convs
+from .user_errors import BadValue, MissingPackage, unreadable_file
 
 
 class NoGuardrail:
@@ -59,7 +60,7 @@ def make_safety_checker(model: Model, device, disable_guardrail: bool = False, o
     try:
         from cosmos_guardrail import CosmosSafetyChecker
     except ImportError as error:
-        raise ImportError(
+        raise MissingPackage(
             "NVIDIA's Cosmos models run with the Cosmos guardrail, and the `cosmos_guardrail` package is not "
             "installed. Either `pip install cosmos_guardrail` (it downloads Llama-Guard-3-8B and its video filters "
             "from the Hub on first use; add --offload_guardrail to keep them on the CPU), or pass "
@@ -121,17 +122,25 @@ def load_transformer(
         return None
     model = as_model(model)
     if checkpoint.kind == "full":
-        check_same_architecture(CosmosTransformer3DModel.load_config(checkpoint.path), model)
-        return CosmosTransformer3DModel.from_pretrained(checkpoint.path, dtype=dtype)
+        with unreadable_file(f"Checkpoint {checkpoint.source}"):
+            config = CosmosTransformer3DModel.load_config(checkpoint.path)
+            check_same_architecture(config, model, checkpoint.source)
+            return CosmosTransformer3DModel.from_pretrained(checkpoint.path, dtype=dtype)
 
-    net, ema = nvidia_format.split_net_ema(
-        nvidia_format.load_nvidia_checkpoint(checkpoint.path, trust_checkpoint=trust_checkpoint)
-    )
-    if checkpoint.ema and not ema:
-        raise NoEMAError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop --load_ema.")
-    weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha, dtype=dtype)
-    check_same_architecture(nvidia_format.nvidia_dims(weights), model)
-    state_dict = nvidia_format.nvidia_to_diffusers(weights)
+    try:
+        net, ema = nvidia_format.split_net_ema(
+            nvidia_format.load_nvidia_checkpoint(checkpoint.path, trust_checkpoint=trust_checkpoint)
+        )
+        if checkpoint.ema and not ema:
+            raise NoEMAError(f"--load_ema: {checkpoint.source} has no EMA weights (no net_ema.* keys). Drop "
+                             "--load_ema.")
+        weights = nvidia_format.merge_peft_lora(ema if checkpoint.ema else net, alpha=nvidia_lora_alpha, dtype=dtype)
+        check_same_architecture(nvidia_format.nvidia_dims(weights), model, checkpoint.source)
+        state_dict = nvidia_format.nvidia_to_diffusers(weights)
+    except BadValue as error:  # what is wrong with the file's contents: say which file
+        if checkpoint.source in str(error) or str(checkpoint.path) in str(error):
+            raise
+        raise type(error)(f"{checkpoint.source}: {error}") from error
     with torch.device("meta"):
         transformer = CosmosTransformer3DModel.from_config(model.transformer_config)
     expected = {k: v.shape for k, v in transformer.state_dict().items()}
@@ -139,7 +148,7 @@ def load_transformer(
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items()
              if k in state_dict and state_dict[k].shape != s]
     if missing or wrong:
-        raise ValueError(f"{checkpoint.source} does not match the {model.name} transformer: "
+        raise BadValue(f"{checkpoint.source} does not match the {model.name} transformer: "
                          f"{len(missing)} weights missing (e.g. {missing[:3]}), {len(wrong)} of another shape "
                          f"(e.g. {wrong[:3]}).")
     transformer.load_state_dict(state_dict, strict=True, assign=True)

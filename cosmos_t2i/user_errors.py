@@ -8,6 +8,7 @@ the file-system errors about a path the user gave (missing, existing, not permit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 
@@ -33,6 +34,28 @@ class DamagedInput(UserError, ValueError):
 
 class OutputFailed(UserError, OSError):
     """An output the system would not let us write (a full disk, a quota); nothing half-written is left in use."""
+
+
+class MissingPackage(UserError, ImportError):
+    """An optional package the chosen path needs (the message says how to install it, or how to do without)."""
+
+
+class UnreadableInput(UserError, ValueError):
+    """A file the user named exists but cannot be read as what it should be (truncated, corrupt, another format)."""
+
+
+@contextlib.contextmanager
+def unreadable_file(what: str, errors: tuple[type[BaseException], ...] = (OSError,)):
+    """Errors of type `errors` raised while reading the file `what` (e.g. "LoRA runs/a/model") become one
+    UnreadableInput naming it. Only wrap the reading call itself, so that a bug elsewhere keeps its traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except errors as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UnreadableInput(f"{what} cannot be read ({reason}). It is damaged or incomplete (an interrupted copy, "
+                              "download or save?): copy it again, or pass another one.") from error
 
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)

@@ -218,7 +218,8 @@ def test_nvidia_checkpoint_of_another_size_or_model(tmp_path):
 
     wider = diffusers_to_nvidia(tiny_transformer(num_attention_heads=4).state_dict())
     torch.save({"net." + k: v for k, v in wider.items()}, tmp_path / "wider.pt")
-    with pytest.raises(ValueError, match=re.escape("checkpoint is 2 blocks x 4 heads of 16, --model is tiny")):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'wider.pt'} is 2 blocks x 4 heads of 16, --model "
+                                                   "is tiny")):
         load_transformer("tiny", resolve_checkpoint(str(tmp_path / "wider.pt")), torch.float32)
 
     video2world = dict(wider, **{"crossattn_proj.0.weight": torch.zeros(1)})

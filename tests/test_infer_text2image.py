@@ -168,7 +168,7 @@ def test_errors(tiny_model_dir, full_run, tmp_path):
 
     wrong_size = tmp_path / "wrong_size"
     make_full_checkpoint(wrong_size, ema=False, num_layers=3, num_attention_heads=4)
-    with pytest.raises(ValueError, match=re.escape("checkpoint is 3 blocks x 4 heads of 16, --model is tiny "
+    with pytest.raises(ValueError, match=re.escape(f"{wrong_size} is 3 blocks x 4 heads of 16, --model is tiny "
                                                    "(2 blocks x 8 heads)")):
         main(*out, "--dit_path", str(wrong_size))
 
@@ -179,7 +179,7 @@ def test_a_14b_checkpoint_with_model_2b_names_both(tmp_path):
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps(PRESETS["14B"].transformer_config))
     with pytest.raises(ValueError, match=re.escape(
-            "checkpoint is 14B (36 blocks x 40 heads), --model is 2B (28 blocks x 16 heads): pass --model 14B.")):
+            f"{model_dir} is 14B (36 blocks x 40 heads), --model is 2B (28 blocks x 16 heads): pass --model 14B.")):
         infer.main(infer.parse_args(["--model", "2B", "--dit_path", str(model_dir), "--prompt", PROMPT,
                                      "--save_path", str(tmp_path / "x.jpg")]))
 
