@@ -16,7 +16,7 @@ the main process only, in three passes from cheap to thorough:
 
 Passes 1-2 run on the main process; with several processes pass 3 is shared out by bytes, each process hashing its
 share of the files. The verdict is shared, so that every process stops with the same one-line error
-(user_errors.DamagedInput) naming the checkpoint, the file, and the previous complete checkpoint to resume from.
+(user_errors.UnreadableInput) naming the checkpoint, the file, and the previous complete checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .user_errors import DamagedInput
+from .user_errors import UnreadableInput
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def verify_for_resume(accelerator, checkpoint: Path, hashes: bool = True) -> Non
             found = content_damage(checkpoint, record, share, progress=accelerator.is_main_process)
             problem = next((p for p in gather_object([found]) if p), None)
     if problem:
-        raise DamagedInput(refusal(checkpoint, problem))
+        raise UnreadableInput(refusal(checkpoint, problem))
 
 
 def _share(record: dict, processes: int) -> list[list[str]]:
@@ -269,15 +269,15 @@ _DAMAGE_ERRORS = (ValueError, UnicodeDecodeError, EOFError, pickle.UnpicklingErr
 @contextlib.contextmanager
 def reading(checkpoint: Path, path: Path):
     """A format error while reading `path` of `checkpoint` (a bare JSON, zip or pickle error naming neither)
-    becomes a DamagedInput that names both."""
+    becomes a UnreadableInput that names both."""
     try:
         yield
-    except DamagedInput:
+    except UnreadableInput:
         raise
     except _DAMAGE_ERRORS as error:
         if isinstance(error, RuntimeError) and not _looks_like_format_error(error):
             raise
-        raise DamagedInput(refusal(Path(checkpoint), f"{path} cannot be read ({_short(error)})")) from error
+        raise UnreadableInput(refusal(Path(checkpoint), f"{path} cannot be read ({_short(error)})")) from error
 
 
 def _looks_like_format_error(error: RuntimeError) -> bool:

@@ -2,8 +2,8 @@
 peak memory of a phase, measured from the phase's start.
 
 The advice lists only what the run does not use yet, in the order of what each costs: a smaller batch (none, but it
-changes the recipe), activation checkpointing (recompute), an fp8 base (LoRA: accuracy, measured), offloading
-(host-to-GPU copies). BENCHMARKS.md has each one's price.
+changes the recipe), activation checkpointing (recompute), an fp8 base (LoRA: accuracy, measured), and for sampling
+T5 on the CPU, fp8 matmuls and offloading (host-to-GPU copies). BENCHMARKS.md has each one's price.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def training_advice(args) -> list[str]:
     if args.lora and not args.fp8_base:
         advice.append("--fp8_base (the frozen base's Linear weights in fp8: about half the weight memory)")
     if not args.lora:
-        advice.append("--lora (adapters instead of the whole transformer), or the optimizer state and weights in host "
-                      "memory: accelerate launch --config_file accelerate_configs/fsdp2_offload.yaml")
+        advice.append("--lora --fp8_base (adapters on a frozen fp8 base instead of the whole transformer in fp32 "
+                      "with AdamW and EMA), or more GPUs with accelerate_configs/fsdp2_8gpu.yaml")
     return advice
 
 

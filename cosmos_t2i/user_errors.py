@@ -28,10 +28,6 @@ class BadValue(UserError, ValueError):
     pass
 
 
-class DamagedInput(UserError, ValueError):
-    """An input file that is there but cannot be used as it is: truncated, overwritten, not valid JSON."""
-
-
 class OutputFailed(UserError, OSError):
     """An output the system would not let us write (a full disk, a quota); nothing half-written is left in use."""
 

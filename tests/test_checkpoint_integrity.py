@@ -20,7 +20,7 @@ from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import methods
 from cosmos_t2i.checkpoint_integrity import verify_for_resume
 from cosmos_t2i.recipe import linear_decay
-from cosmos_t2i.user_errors import DamagedInput, OutputFailed
+from cosmos_t2i.user_errors import UnreadableInput, OutputFailed
 
 WEIGHTS = "model/diffusion_pytorch_model.safetensors"
 
@@ -67,7 +67,7 @@ def _header_end(path: Path) -> int:
 def _refused(dataset, run, monkeypatch, *extra) -> str:
     for method in (methods.FullFineTune, methods.LoraFineTune):  # refused before any weights are loaded
         monkeypatch.setattr(method, "build", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(DamagedInput) as error:
+    with pytest.raises(UnreadableInput) as error:
         train(*_flags(dataset, run, *extra))
     message = str(error.value)
     assert "\n" not in message
@@ -120,7 +120,7 @@ def test_no_earlier_checkpoint_offers_starting_over(dataset, run, monkeypatch):
 def test_a_loader_names_what_it_cannot_read(run):
     checkpoint = run / "checkpoints" / ckpt.iter_name(2)
     (checkpoint / "trainer" / "config.json").write_text('{"model": ')
-    with pytest.raises(DamagedInput, match=f"{checkpoint}.*{checkpoint / 'trainer' / 'config.json'} cannot be read"):
+    with pytest.raises(UnreadableInput, match=f"{checkpoint}.*{checkpoint / 'trainer' / 'config.json'} cannot be read"):
         ckpt.read_config(checkpoint)
 
 

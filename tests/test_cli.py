@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import parsers_of
+
 from cosmos_t2i import user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,27 +95,6 @@ def test_under_accelerate_launch_the_error_line_is_the_only_message_of_the_scrip
         result.stderr
     assert 'train_text2image.py", line' not in result.stderr  # no traceback of the trainer's
     assert "returned non-zero exit status 2" in result.stderr and result.returncode != 0
-
-
-def parsers_of(script: str) -> list[argparse.ArgumentParser]:
-    """The parser `script`.parse_args builds, and its subcommands' parsers."""
-    import importlib
-
-    module = importlib.import_module(script)
-
-    class Built(Exception):
-        pass
-
-    def capture(self, args=None, namespace=None):
-        raise Built(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
-        with pytest.raises(Built) as built:
-            module.parse_args([])
-    parser = built.value.args[0]
-    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return [parser] + [p for action in subcommands for p in action.choices.values()]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

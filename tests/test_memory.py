@@ -40,4 +40,4 @@ def test_the_advice_leaves_out_what_the_run_already_uses():
     assert "use a GPU with more memory" in memory.out_of_memory_message("cpu", [], "training")
     full = train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x"])
     advice = " ".join(memory.training_advice(full))
-    assert "--fp8_base" not in advice and "fsdp2_offload.yaml" in advice and "--gradient_checkpointing" in advice
+    assert "--lora --fp8_base" in advice and "--gradient_checkpointing" in advice

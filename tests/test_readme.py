@@ -12,14 +12,13 @@ Shell commands: python/accelerate lines of the indented blocks, continuation lin
 placeholders are left out.
 """
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import parsers_of
 from infer_helpers import PROMPT, make_full_checkpoint, make_lora_checkpoint
 from PIL import Image
 
@@ -82,31 +81,12 @@ def test_python_blocks_run_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypat
     assert np.array_equal(np.asarray(namespace["image"]), np.asarray(Image.open("infer.png")))
 
 
-def _parser_of(script: str) -> argparse.ArgumentParser:
-    """The parser `script`.parse_args builds, without its checks beyond argparse's (files need not exist)."""
-    module = importlib.import_module(script)
-
-    class Built(Exception):
-        pass
-
-    def capture(self, args=None, namespace=None):
-        raise Built(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
-        try:
-            module.parse_args([])
-        except Built as built:
-            return built.args[0]
-    raise AssertionError(f"{script}.parse_args did not build a parser")
-
-
 @pytest.mark.parametrize("command", shell_commands())
 def test_shell_commands_parse(command):
     words = shlex.split(command)
     script = next(w for w in words if w.endswith(".py"))
     argv = words[words.index(script) + 1:]
-    parser = _parser_of(Path(script).stem)
+    parser = parsers_of(Path(script).stem)[0]
     try:
         parser.parse_args(argv)
     except SystemExit as exit_:
