@@ -15,8 +15,11 @@ frames on both sides of a cut. What this module does about it, in the order it h
    "first" keeps the first N sampled frames and stops decoding there, as before.
 4. **Near-duplicates** (main process, after all workers, across every video and image of the dataset): 64-bit
    perceptual hashes (imagehash.phash of the grey image); going from the sharpest image to the least sharp, an
-   image is dropped when its hash is within `dedup_distance` bits of one already kept. So each group of
-   near-duplicates keeps its sharpest member. Workers return only the hash and the sharpness of each image.
+   image is dropped when its hash is within `dedup_distance` bits of one already kept and its mean colour within
+   MEAN_COLOUR_TOLERANCE of that one's in every channel. So each group of near-duplicates keeps its sharpest member.
+   pHash sees only the grey image's structure: a red and a blue wall, or a flat dark and a flat bright frame, share
+   a hash, and the mean colour tells them apart. Workers return only the sharpness, hash and mean colour of each
+   image.
 
 Every dropped frame is deleted from the staging folder (so it is not in metadata.jsonl) and counted per reason in
 the report. With `Filters.off()` the frames written are exactly those of the plain every-N-th-frame path.
@@ -60,28 +63,42 @@ class Filters:
                                                                      and self.choose == "spread")
 
 
-def measure(grey, with_hash: bool = True) -> tuple[float, int]:
-    """(sharpness, perceptual hash) of a grey uint8 image: variance of the Laplacian, 64-bit pHash as an int (0
-    when not `with_hash`: only the duplicate search needs it, and imagehash's import alone costs ~1 s a worker)."""
+# How far (of 255) a channel's mean may move between two near-duplicates: a frame and the next differ by a few
+# levels; a relit scene or another wall colour by more.
+MEAN_COLOUR_TOLERANCE = 12.0
+
+
+def measure(grey, mean_rgb: tuple[float, float, float], with_hash: bool = True) -> tuple[float, int, tuple]:
+    """(sharpness, perceptual hash, mean colour) of an image: the variance of the Laplacian of its grey uint8 image,
+    its 64-bit pHash as an int (0 when not `with_hash`: only the duplicate search needs it, and imagehash's import
+    alone costs ~1 s a worker) and `mean_rgb`, its channels' means."""
     import cv2
 
     _, deviation = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     sharpness = float(deviation[0, 0]) ** 2
+    mean_rgb = tuple(round(float(v), 2) for v in mean_rgb)
     if not with_hash:
-        return sharpness, 0
+        return sharpness, 0, mean_rgb
     import imagehash
     from PIL import Image
 
-    return sharpness, int(str(imagehash.phash(Image.fromarray(grey))), 16)
+    return sharpness, int(str(imagehash.phash(Image.fromarray(grey))), 16), mean_rgb
 
 
-def measure_image_file(path: str | Path) -> tuple[float, int]:
+def measure_image_file(path: str | Path) -> tuple[float, int, tuple]:
     """measure() of an image file as written to the dataset (already upright RGB or grey)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as image:
-        return measure(np.asarray(image.convert("L")))
+        rgb = np.asarray(image.convert("RGB"))
+        return measure(np.asarray(image.convert("L")), tuple(rgb.reshape(-1, 3).mean(axis=0)))
+
+
+def near_duplicates(a: tuple, b: tuple, distance: int) -> bool:
+    """Whether two measure() results are near-duplicates: hashes within `distance` bits, colours alike."""
+    return hamming(a[1], b[1]) <= distance and \
+        max(abs(x - y) for x, y in zip(a[2], b[2])) <= MEAN_COLOUR_TOLERANCE
 
 
 def hamming(a: int, b: int) -> int:
@@ -134,7 +151,8 @@ class VideoCurator:
             import cv2
 
             grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            self.measured[name] = measure(grey, with_hash=self.filters.dedup_distance >= 0)
+            blue, green, red, _ = cv2.mean(frame)
+            self.measured[name] = measure(grey, (red, green, blue), with_hash=self.filters.dedup_distance >= 0)
 
     def finish(self, names: list[str], output_dir: str | Path) -> tuple[list[str], dict[str, int]]:
         """Apply the blur filter and the spread choice to the video's kept frames `names` (in time order): delete
@@ -161,14 +179,13 @@ class VideoCurator:
         return names, dropped
 
 
-def choose_spread(names: list[str], measured: dict[str, tuple[float, int]], count: int,
-                  distance: int) -> list[str]:
+def choose_spread(names: list[str], measured: dict[str, tuple], count: int, distance: int) -> list[str]:
     """The "spread" rule (module docstring, step 3): `count` consecutive groups of `names` (time order), from each
-    its sharpest frame not within `distance` bits of an earlier pick (-1: any). Returned in time order."""
+    its sharpest frame that is no near-duplicate of an earlier pick (`distance` -1: any). Returned in time order."""
     picked: list[str] = []
     for group in _split(names, count):
         for name in sorted(group, key=lambda n: (-measured[n][0], n)):
-            if distance < 0 or all(hamming(measured[name][1], measured[p][1]) > distance for p in picked):
+            if distance < 0 or not any(near_duplicates(measured[name], measured[p], distance) for p in picked):
                 picked.append(name)
                 break
     return picked
@@ -185,24 +202,27 @@ def _split(items: list, parts: int) -> list[list]:
     return runs
 
 
-def drop_near_duplicates(measured: dict[str, tuple[float, int]], distance: int, output_dir: str | Path) -> set[str]:
+def drop_near_duplicates(measured: dict[str, tuple], distance: int, output_dir: str | Path) -> set[str]:
     """Step 4 of the module docstring over the whole dataset: `measured` maps every image name in `output_dir` to
-    (sharpness, hash). Deletes the near-duplicates and returns their names."""
+    measure()'s (sharpness, hash, mean colour). Deletes the near-duplicates and returns their names."""
     import numpy as np
     from tqdm.auto import tqdm
 
     # Sharpest first (name breaks ties, so identical images keep the same one every run).
     order = sorted(measured, key=lambda n: (-measured[n][0], n))
     kept = np.empty(len(order), dtype=np.uint64)
+    kept_colours = np.empty((len(order), 3), dtype=np.float64)
     count = 0
     dropped = set()
     for name in tqdm(order, unit="image", desc="Near-duplicates", disable=len(order) < 5000):
-        code = np.uint64(measured[name][1])
-        if count and int(np.bitwise_count(kept[:count] ^ code).min()) <= distance:
+        _, code, colour = measured[name]
+        code, colour = np.uint64(code), np.asarray(colour, dtype=np.float64)
+        if count and bool(((np.bitwise_count(kept[:count] ^ code) <= distance)
+                           & (np.abs(kept_colours[:count] - colour).max(axis=1) <= MEAN_COLOUR_TOLERANCE)).any()):
             dropped.add(name)
             (Path(output_dir) / name).unlink(missing_ok=True)
         else:
-            kept[count] = code
+            kept[count], kept_colours[count] = code, colour
             count += 1
     return dropped
 

@@ -118,7 +118,7 @@ class Result:
     files: list[str] = dataclasses.field(default_factory=list)  # names written into output_dir
     error: str | None = None  # unreadable / truncated: the file is skipped
     too_small: str | None = None  # "WxH" when below --min_side: the file is skipped
-    measured: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)  # name -> (sharpness, hash)
+    measured: dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> curation.measure()
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # curation reason -> frames dropped
     scene_cuts: int = 0
 

@@ -147,6 +147,20 @@ def test_near_duplicates_across_two_videos_and_an_image_folder_keep_the_sharpest
     assert len(_names(tmp_path / "all")) == 8
 
 
+def test_flat_images_are_duplicates_only_in_the_same_colour(tmp_path):
+    """pHash sees the grey image's structure only: every flat image has one hash. The mean colour separates a red
+    wall from a blue one, and a dark frame from a bright one; the same flat image twice is still one image."""
+    source = tmp_path / "in"
+    source.mkdir()
+    colours = {"red": (200, 30, 30), "blue": (30, 30, 200), "dark": (20, 20, 20), "bright": (230, 230, 230),
+               "red_again": (202, 31, 29)}
+    for name, colour in colours.items():
+        Image.new("RGB", (W, H), colour).save(source / f"{name}.png")
+    report = _prepare(source, tmp_path / "out")
+    assert _names(tmp_path / "out") == ["blue.png", "bright.png", "dark.png", "red.png"]
+    assert report.dropped[curation.NEAR_DUPLICATE] == 1
+
+
 def test_max_frames_per_video_spreads_over_the_video(tmp_path):
     _two_shot_clip(tmp_path / "in" / "clip.mp4")
     report = _prepare(tmp_path / "in", tmp_path / "out", "--stride", "5", "--max_frames_per_video", "3")
@@ -159,7 +173,9 @@ def test_max_frames_per_video_spreads_over_the_video(tmp_path):
 
 
 def test_choose_spread_takes_the_sharpest_distinct_frame_of_each_group():
-    measured = {"a": (5.0, 0b0000), "b": (9.0, 0b0001), "c": (8.0, 0b0011), "d": (7.0, 0xFFFF), "e": (1.0, 0)}
+    grey = (128.0, 128.0, 128.0)
+    measured = {"a": (5.0, 0b0000, grey), "b": (9.0, 0b0001, grey), "c": (8.0, 0b0011, grey),
+                "d": (7.0, 0xFFFF, grey), "e": (1.0, 0, grey)}
     # groups [a b] [c d] [e]: b; c is within 1 bit of b, so d; e repeats b exactly, so nothing.
     assert curation.choose_spread(list("abcde"), measured, 3, distance=1) == ["b", "d"]
     assert curation.choose_spread(list("abcde"), measured, 3, distance=-1) == ["b", "c", "e"]

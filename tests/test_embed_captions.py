@@ -41,8 +41,7 @@ def prepared(tmp_path_factory, tiny_model_dir):
         (source / f"{stem}.txt").write_text(caption)
     dataset_dir = root / "dataset"
     prepare_dataset.main(["--input_dataset_dir", str(source), "--output_dataset_dir", str(dataset_dir),
-                          "--stride", "10", "--num_workers", "0",
-                          "--dedup_distance", "-1"])  # the two flat images share a (grey) perceptual hash
+                          "--stride", "10", "--num_workers", "0"])
     info = embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny", "--cache_latents",
                                 "--batch_size", "2"])
     return dataset_dir, info

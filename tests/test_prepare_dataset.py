@@ -68,8 +68,7 @@ def test_captions_beside_files_or_in_metas_and_min_side(tmp_path):
     Image.new("RGBA", (64, 64), (0, 128, 128, 128)).save(source / "logo.png")
     (source / "logo.txt").write_text("a logo")
 
-    # Flat test images all share one perceptual hash (no structure), so near-duplicate removal stays off here.
-    report = _prepare(source, tmp_path / "out", "--min_side", "40", "--dedup_distance", "-1")
+    report = _prepare(source, tmp_path / "out", "--min_side", "40")
 
     assert report.too_small == [("small.jpg", "30x20")]
     rows = {r["file_name"]: r["text"] for r in _metadata(tmp_path / "out")}
@@ -200,7 +199,8 @@ def test_subfolders_are_read_with_their_captions_and_every_file_is_accounted_for
     (source / "cam2" / "empty.jpg").write_bytes(b"")
     (source / "cam2" / "empty.txt").write_text("an empty image")
 
-    report = _prepare(source, tmp_path / "out", "--stride", "2", "--no_curation")  # flat test images all share one hash
+    # The cameras' stills are one flat image (true duplicates): every file is to be accounted for, so no curation.
+    report = _prepare(source, tmp_path / "out", "--stride", "2", "--no_curation")
 
     rows = {r["file_name"]: r["text"] for r in _metadata(tmp_path / "out")}
     assert rows == {"cam1__a.jpg": "left camera", "cam2__a.jpg": "right camera", "cam3__b.jpg": "third camera",
@@ -238,7 +238,7 @@ def test_no_two_inputs_share_an_output_name(tmp_path):
         _jpeg(source / name, color=(40 * i, 255 - 40 * i, 7 * i))
     _clip(source / "clip.mp4", num_frames=3)
 
-    report = _prepare(source, tmp_path / "out", "--prompt", PROMPT, "--stride", "2", "--no_curation")  # flat test images all share one hash
+    report = _prepare(source, tmp_path / "out", "--prompt", PROMPT, "--stride", "2")
 
     names = [r["file_name"] for r in _metadata(tmp_path / "out")]
     assert len(names) == len({n.casefold() for n in names}) == len(stills) + 2 == report.frames_written
