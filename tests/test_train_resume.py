@@ -28,7 +28,8 @@ def _flags(dataset, output_dir, lora):
     return ["--model", "tiny", "--dataset_dir", dataset, "--output_dir", output_dir, "--max_iter", STEPS,
             "--save_iter", STEPS, "--train_batch_size", 2, "--gradient_accumulation_steps", ACCUMULATION,
             "--learning_rate", "1e-3", "--dataloader_num_workers", 0, "--report_to", "none",
-            *(["--lora", "--mixed_precision", "bf16"] if lora else ["--mixed_precision", "no"])]
+            *(["--lora", "--mixed_precision", "bf16"] if lora else ["--mixed_precision", "no"]),
+            *(["--fp8_base"] if lora == "fp8_base" else [])]
 
 
 def _sigterm_during_iteration(monkeypatch, iteration):
@@ -64,7 +65,7 @@ def _final_tensors(checkpoint, lora):
     return {"model": weights(checkpoint), "ema": weights(checkpoint, ema=True)}
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [False, True, "fp8_base"], ids=["full", "lora", "lora_on_fp8_base"])
 def test_sigterm_then_resume_equals_straight_run(dataset, tmp_path, monkeypatch, lora):
     straight = train(*_flags(dataset, tmp_path / "straight", lora))
 
