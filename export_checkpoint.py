@@ -33,17 +33,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True)
 
-    nvidia = sub.add_parser("nvidia", formatter_class=cli.HelpFormatter, help="ours -> NVIDIA's .pt (net.* and, when present, net_ema.*)")
+    nvidia = sub.add_parser("nvidia", formatter_class=cli.HelpFormatter,
+                            help="ours -> NVIDIA's .pt (net.* and, when present, net_ema.*)")
     nvidia.add_argument("--checkpoint", required=True, help="OUTPUT_DIR, an iter_N/ folder or its model/.")
     nvidia.add_argument("--model", default=None,
                         help="For a LoRA checkpoint: the base model it is merged into (default: the run's).")
 
-    comfyui = sub.add_parser("comfyui", formatter_class=cli.HelpFormatter, help="LoRA -> ComfyUI's LoRA format for Cosmos-Predict2")
+    comfyui = sub.add_parser("comfyui", formatter_class=cli.HelpFormatter,
+                             help="LoRA -> ComfyUI's LoRA format for Cosmos-Predict2")
     comfyui.add_argument("--lora", required=True, help="An iter_N/ folder, its model/, a .safetensors or a hub id.")
     comfyui.add_argument("--load_ema", action="store_true", help="Export the EMA adapter (model/ema/).")
 
-    merged = sub.add_parser("diffusers", formatter_class=cli.HelpFormatter, help="base + checkpoint + LoRA(s) -> one diffusers transformer folder")
-    merged.add_argument("--model", default=None, help="2B, 14B, tiny, a pipeline folder or hub id (default: the run's).")
+    merged = sub.add_parser("diffusers", formatter_class=cli.HelpFormatter,
+                            help="base + checkpoint + LoRA(s) -> one diffusers transformer folder")
+    merged.add_argument("--model", default=None,
+                        help="2B, 14B, tiny, a pipeline folder or hub id (default: the run's).")
     merged.add_argument("--checkpoint", default=None,
                         help="Ours (full or LoRA) or NVIDIA's .pt, as infer_text2image.py --dit_path takes it.")
     merged.add_argument("--load_ema", action="store_true", help="The EMA weights of --checkpoint.")

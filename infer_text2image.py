@@ -48,7 +48,8 @@ def parse_args(argv=None):
     model = parser.add_argument_group("model and checkpoint")
     model.add_argument("--model", default=None,
                        help="2B, 14B, tiny, a local pipeline folder or a hub id. Default: the model the --dit_path "
-                            f"(else the first --lora) run was trained from (its trainer/config.json), else {DEFAULT_MODEL}.")
+                            "(else the first --lora) run was trained from (its trainer/config.json), else "
+                            f"{DEFAULT_MODEL}.")
     model.add_argument("--dit_path", default=None,
                        help="Fine-tuned weights: a training OUTPUT_DIR (latest checkpoint), an iter_N/ folder, its "
                             "model/ (full fine-tune or LoRA), or NVIDIA's iter_N.pt / model.pt.")
@@ -209,7 +210,8 @@ def read_requests(args, resolutions: dict) -> list[Request]:
                                 height, aspect_ratio))
     # Sidecars too: a.png and a.jpg would share a.json.
     outputs = [r.output.resolve().with_suffix("") for r in requests]
-    errors += [f"{path}.* is the output of several items" for path in sorted({p for p in outputs if outputs.count(p) > 1})]
+    shared = sorted({p for p in outputs if outputs.count(p) > 1})
+    errors += [f"{path}.* is the output of several items" for path in shared]
     if errors:
         raise BadValue(f"{where}: " + "; ".join(errors))
     return requests
@@ -232,7 +234,8 @@ def save_image(image, path: Path) -> None:
 def reproduce_command(args, model: str, request: Request, scales: list[float], compiled: bool) -> str:
     """The command line that makes this one image again (compilation changes bf16 rounding, so it is pinned)."""
     cmd = ["python", "infer_text2image.py", "--model", model, "--prompt", request.prompt,
-           "--negative_prompt", request.negative_prompt, "--seed", str(request.seed), "--save_path", str(request.output),
+           "--negative_prompt", request.negative_prompt, "--seed", str(request.seed),
+           "--save_path", str(request.output),
            "--num_steps", str(args.num_steps), "--guidance", str(args.guidance), "--sampler", args.sampler,
            "--dtype", args.dtype]
     cmd += ["--aspect_ratio", request.aspect_ratio] if request.aspect_ratio else \

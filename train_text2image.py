@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from cosmos_t2i import checkpoint as ckpt
 from cosmos_t2i import cli, hub, memory, prior_preservation, run_folder, speed, user_errors
 from cosmos_t2i.checkpoint_integrity import verify_for_resume
+from cosmos_t2i.user_errors import BadValue, MissingInput
 from cosmos_t2i.ema import NVIDIA_SIGMA_REL, PowerEMA
 from cosmos_t2i.objective import TEXT_DROPOUT, diffusion_loss
 from cosmos_t2i.models import ASPECT_RATIOS, dtype_named, load_vae, resolve_model
@@ -120,7 +121,8 @@ def parse_args(argv=None):
                              "runs 8.1 samples/s in 66 GiB on an H100, against 7.2 at batch 2 without it "
                              "(BENCHMARKS.md). 1.0: the compiler's default.")
     speed_group.add_argument("--attention_backend", default="sdpa", choices=speed.ATTENTION_BACKENDS,
-                             help="The SDPA kernel tried first (sdpa: PyTorch's own order, which picks cuDNN's on an H100).")
+                             help="The SDPA kernel tried first (sdpa: PyTorch's own order, which picks cuDNN's on an "
+                             "H100).")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", default=None,
@@ -169,40 +171,40 @@ def parse_args(argv=None):
 
     args = parser.parse_args(argv)
     if not args.lora and (args.rank is not None or args.lora_alpha is not None):
-        raise user_errors.BadValue("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full "
-                                   "fine-tune.")
+        raise BadValue("--rank and --lora_alpha configure LoRA: add --lora, or drop them for a full "
+                       "fine-tune.")
     if args.fp8_base and not args.lora:
-        raise user_errors.BadValue("--fp8_base stores the frozen base of a LoRA run in fp8: add --lora (a full "
-                                   "fine-tune trains every weight, and keeps fp32 master weights).")
+        raise BadValue("--fp8_base stores the frozen base of a LoRA run in fp8: add --lora (a full "
+                       "fine-tune trains every weight, and keeps fp32 master weights).")
     if args.lora:  # NVIDIA's LoRA shape for every model, preset or not
         args.rank = LORA_RANK if args.rank is None else args.rank
         args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
     if args.synthetic_data:
         if not args.random_init:
-            raise user_errors.BadValue("--synthetic_data trains on noise: only meaningful with --random_init (benchmarks).")
+            raise BadValue("--synthetic_data trains on noise: only meaningful with --random_init (benchmarks).")
         args.synthetic_data = _parse_size(args.synthetic_data)
     elif args.dataset_dir is None:
-        raise user_errors.BadValue("--dataset_dir is required (make one with prepare_dataset.py and "
-                                   "embed_captions.py).")
+        raise BadValue("--dataset_dir is required (make one with prepare_dataset.py and "
+                       "embed_captions.py).")
     prior_preservation.check_args(args)
     if args.validation_metrics and not (args.validation_prompt and args.dataset_dir):
-        raise user_errors.BadValue("--validation_metrics scores the validation images against training images: it needs "
-                         "--validation_prompt and --dataset_dir.")
+        raise BadValue("--validation_metrics scores the validation images against training images: it needs "
+                       "--validation_prompt and --dataset_dir.")
     if args.push_to_hub and not args.hub_model_id:
-        raise user_errors.BadValue("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
+        raise BadValue("--push_to_hub needs --hub_model_id (e.g. your-name/cosmos-t2i-robot-lora).")
     if args.push_to_hub and args.save_iter == 0:
-        raise user_errors.BadValue("--push_to_hub uploads the final checkpoint's model/, and --save_iter 0 saves none.")
+        raise BadValue("--push_to_hub uploads the final checkpoint's model/, and --save_iter 0 saves none.")
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = 2 if torch.cuda.is_available() else 0
     if args.compile is None:
         args.compile = torch.cuda.is_available()
     if not 0.0 < args.activation_memory_budget <= 1.0:
-        raise user_errors.BadValue(f"--activation_memory_budget {args.activation_memory_budget}: expected a fraction in (0, 1].")
+        raise BadValue(f"--activation_memory_budget {args.activation_memory_budget}: expected a fraction in (0, 1].")
     if args.activation_memory_budget < 1.0 and not args.compile:
-        raise user_errors.BadValue("--activation_memory_budget is applied by torch.compile: drop --no_compile, or use "
-                         "--gradient_checkpointing to save memory in eager mode.")
+        raise BadValue("--activation_memory_budget is applied by torch.compile: drop --no_compile, or use "
+                       "--gradient_checkpointing to save memory in eager mode.")
     if args.distributed_timeout <= 0:
-        raise user_errors.BadValue(f"--distributed_timeout {args.distributed_timeout}: expected seconds > 0 (default 600).")
+        raise BadValue(f"--distributed_timeout {args.distributed_timeout}: expected seconds > 0 (default 600).")
     if args.output_dir is None:
         kind = "lora" if args.lora else "full"
         args.output_dir = f"checkpoints/posttraining/text2image/{Path(args.model).name}_{kind}"
@@ -213,9 +215,9 @@ def _parse_size(text: str) -> list[int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise user_errors.BadValue(f"--synthetic_data {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 768x1360.") from None
+        raise BadValue(f"--synthetic_data {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 768x1360.") from None
     if height % 16 or width % 16:
-        raise user_errors.BadValue(f"--synthetic_data {text}: height and width must be multiples of 16.")
+        raise BadValue(f"--synthetic_data {text}: height and width must be multiples of 16.")
     return [height, width]
 
 
@@ -231,8 +233,8 @@ def _train(args):
     method = training_method(args)
     preset = model.preset
     if preset is None and (args.learning_rate is None or args.weight_decay is None):
-        raise user_errors.BadValue(f"{args.model} is not one of the presets (2B, 14B, tiny): pass --learning_rate and "
-                         "--weight_decay for it.")
+        raise BadValue(f"{args.model} is not one of the presets (2B, 14B, tiny): pass --learning_rate and "
+                       "--weight_decay for it.")
     if preset is not None:
         apply_defaults(args, preset, method)
     if args.lr_start_factor is None:
@@ -255,14 +257,14 @@ def _train(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.ema and _zero3(accelerator):
-        raise user_errors.BadValue("EMA under DeepSpeed ZeRO-3 is not supported (the parameters are partitioned): use the "
-                         "FSDP2 config, or --no_ema.")
+        raise BadValue("EMA under DeepSpeed ZeRO-3 is not supported (the parameters are partitioned): use the "
+                       "FSDP2 config, or --no_ema.")
     if args.compile and _zero3(accelerator):
         # ZeRO-3's parameter hooks run inside each block and dynamo recompiled them block after block until its
         # limit (32), then ran the rest eager (tests/test_multi_gpu.py on two H200s); FSDP2 compiles cleanly.
         if args.activation_memory_budget < 1.0:
-            raise user_errors.BadValue("--activation_memory_budget is applied by torch.compile, which DeepSpeed ZeRO-3 runs "
-                             "without: use --gradient_checkpointing, or the FSDP2 config.")
+            raise BadValue("--activation_memory_budget is applied by torch.compile, which DeepSpeed ZeRO-3 runs "
+                           "without: use --gradient_checkpointing, or the FSDP2 config.")
         logger.warning("DeepSpeed ZeRO-3: the transformer blocks run eager (compiled, they recompile per block). "
                        "The FSDP2 config (accelerate_configs/fsdp2_8gpu.yaml) compiles them.")
         args.compile = False
@@ -280,18 +282,7 @@ def _train(args):
         if args.init_from and resume is None else None
     if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
         run_folder.set_previous_run_aside(output_dir)
-    if resume is not None:
-        verify_for_resume(accelerator, resume, hashes=args.verify_checksums)
-        saved_config = ckpt.read_config(resume)
-        differing = config_differences(saved_config, config)
-        if differing:
-            details = ", ".join(f"{k}: {saved_config.get(k)!r} there, {config.get(k)!r} now" for k in differing)
-            raise user_errors.BadValue(f"Cannot resume {resume}: its run used other settings ({details}). Pass the same flags, "
-                             "a new --output_dir, or --resume_from_checkpoint none.")
-        refused = distribution_change_refused(saved_config, config)
-        if refused:
-            raise user_errors.BadValue(f"Cannot resume {resume}: {refused}")
-        _report_distribution_change(saved_config, config)
+    saved_config = _check_resume(accelerator, resume, config, args.verify_checksums) if resume is not None else None
     if args.push_to_hub:
         hub.require_token()
 
@@ -301,7 +292,7 @@ def _train(args):
     else:
         data = EmbeddedImages(args.dataset_dir, model.resolutions)
         if data.embedding_dim != arch["text_embed_dim"]:
-            raise user_errors.BadValue(
+            raise BadValue(
                 f"{args.dataset_dir} holds {data.embedding_dim}-dimensional T5 embeddings (embedded with "
                 f"{data.info.get('model', 'an unknown model')}), but {args.model}'s transformer takes "
                 f"text_embed_dim={arch['text_embed_dim']}. Re-run embed_captions.py --model {args.model}."
@@ -490,8 +481,24 @@ def _checkpoint_to_resume(args, output_dir: Path) -> Path | None:
         return ckpt.latest_checkpoint(output_dir)
     path = Path(args.resume_from_checkpoint)
     if not (path / ckpt.TRAINER / ckpt.STATE).is_file():
-        raise user_errors.MissingInput(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer/state.json).")
+        raise MissingInput(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer/state.json).")
     return path
+
+
+def _check_resume(accelerator, resume: Path, config: dict, verify_checksums: bool) -> dict:
+    """The saved run's config, once `resume` is known to be intact and its settings to allow this run to go on."""
+    verify_for_resume(accelerator, resume, hashes=verify_checksums)
+    saved_config = ckpt.read_config(resume)
+    differing = config_differences(saved_config, config)
+    if differing:
+        details = ", ".join(f"{k}: {saved_config.get(k)!r} there, {config.get(k)!r} now" for k in differing)
+        raise BadValue(f"Cannot resume {resume}: its run used other settings ({details}). Pass the same flags, "
+                       "a new --output_dir, or --resume_from_checkpoint none.")
+    refused = distribution_change_refused(saved_config, config)
+    if refused:
+        raise BadValue(f"Cannot resume {resume}: {refused}")
+    _report_distribution_change(saved_config, config)
+    return saved_config
 
 
 def _report_distribution_change(saved: dict, config: dict) -> None:
