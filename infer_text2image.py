@@ -97,8 +97,8 @@ def parse_args(argv=None):
 
     low = parser.add_argument_group("memory (BENCHMARKS.md: what fits on which GPU)")
     low.add_argument("--text_encoder_device", default=None,
-                     help="Where T5-XXL (9 GiB in bf16) encodes the prompts, before the transformer is loaded and "
-                          "after which it is freed. Default: the sampling device; 'cpu' keeps it off the GPU "
+                     help="Where T5-XXL (9 GiB in bf16) encodes every prompt before the transformer reaches the "
+                          "GPU; it is freed after. Default: the sampling device; 'cpu' keeps it off the GPU "
                           "altogether (slower; its rounding differs from the GPU's).")
     low.add_argument("--offload", action="store_true",
                      help="Keep the transformer's weights in host memory and stream them to the GPU block by block, "
