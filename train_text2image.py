@@ -286,42 +286,22 @@ def _train(args):
     if args.push_to_hub:
         hub.require_token()
 
-    arch = model.transformer_config
-    if args.synthetic_data:
-        data = SyntheticLatents(*args.synthetic_data, embedding_dim=arch["text_embed_dim"])
-    else:
-        data = EmbeddedImages(args.dataset_dir, model.resolutions)
-        if data.embedding_dim != arch["text_embed_dim"]:
-            raise BadValue(
-                f"{args.dataset_dir} holds {data.embedding_dim}-dimensional T5 embeddings (embedded with "
-                f"{data.info.get('model', 'an unknown model')}), but {args.model}'s transformer takes "
-                f"text_embed_dim={arch['text_embed_dim']}. Re-run embed_captions.py --model {args.model}."
-            )
+    data = _training_data(args, model)
 
     device = accelerator.device
     weight_dtype = dtype_named(args.mixed_precision)
     # The dtype of the weights that read the inputs first: fp32 masters under autocast, but a frozen base (LoRA)
     # and DeepSpeed's bf16 mode (which turns autocast off and keeps the masters in its optimizer) hold bf16 weights.
     text_dtype = weight_dtype if method.frozen_base or _deepspeed(accelerator) else torch.float32
-    validator = None
-    if args.validation_prompt:
-        embeds = encode_prompts(model, args.validation_prompt, device, weight_dtype) \
-            if accelerator.is_main_process else None
-        embeds = broadcast_object_list([embeds])[0]
-        size = model.resolutions[args.validation_aspect_ratio]
-        validator = Validator(model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
-                              args.validation_guidance_scale, args.seed, output_dir)
-        if args.validation_metrics and accelerator.is_main_process:
-            validator.metrics = ValidationMetrics(args.dataset_dir, *default_metric_models(
-                model, args.validation_dino_model, args.validation_clip_model))
+    validator = _validator(args, model, accelerator, weight_dtype, output_dir) if args.validation_prompt else None
     prior = prior_preservation.setup(args, model, data, accelerator)  # before the model: generation needs the GPU
     vae = None
     if not data.cached_latents:
         vae = load_vae(model, device, weight_dtype).requires_grad_(False)
 
     torch.manual_seed(args.seed)
-    transformer = method.build(model, arch, random_init=args.random_init, device=device, checkpoint=resume or init,
-                               weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
+    transformer = method.build(model, model.transformer_config, random_init=args.random_init, device=device,
+                               checkpoint=resume or init, weights_arrive_later=_fsdp_broadcasts_weights(accelerator)
                                and not accelerator.is_main_process)
     transformer.train()
     if args.gradient_checkpointing:
@@ -483,6 +463,36 @@ def _checkpoint_to_resume(args, output_dir: Path) -> Path | None:
     if not (path / ckpt.TRAINER / ckpt.STATE).is_file():
         raise MissingInput(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer/state.json).")
     return path
+
+
+def _training_data(args, model) -> EmbeddedImages | SyntheticLatents:
+    """The dataset (or the benchmarks' synthetic latents), checked against the model's text embedding size."""
+    dim = model.transformer_config["text_embed_dim"]
+    if args.synthetic_data:
+        return SyntheticLatents(*args.synthetic_data, embedding_dim=dim)
+    data = EmbeddedImages(args.dataset_dir, model.resolutions)
+    if data.embedding_dim != dim:
+        raise BadValue(
+            f"{args.dataset_dir} holds {data.embedding_dim}-dimensional T5 embeddings (embedded with "
+            f"{data.info.get('model', 'an unknown model')}), but {args.model}'s transformer takes "
+            f"text_embed_dim={dim}. Re-run embed_captions.py --model {args.model}."
+        )
+    return data
+
+
+def _validator(args, model, accelerator, weight_dtype, output_dir: Path) -> Validator:
+    """--validation_prompt's sampler: the prompts T5-encoded once by the main process (T5 is freed before the
+    model is built) and sent to the others, with the metric models of --validation_metrics on the main process."""
+    embeds = encode_prompts(model, args.validation_prompt, accelerator.device, weight_dtype) \
+        if accelerator.is_main_process else None
+    embeds = broadcast_object_list([embeds])[0]
+    size = model.resolutions[args.validation_aspect_ratio]
+    validator = Validator(model, args.validation_prompt, embeds, size, args.validation_num_inference_steps,
+                          args.validation_guidance_scale, args.seed, output_dir)
+    if args.validation_metrics and accelerator.is_main_process:
+        validator.metrics = ValidationMetrics(args.dataset_dir, *default_metric_models(
+            model, args.validation_dino_model, args.validation_clip_model))
+    return validator
 
 
 def _check_resume(accelerator, resume: Path, config: dict, verify_checksums: bool) -> dict:
