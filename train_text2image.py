@@ -383,6 +383,7 @@ def _train(args):
         while iteration < args.max_iter:
             start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
+            halves_sum = {}  # prior preservation: the instance and class losses apart, for the log
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
                 with accelerator.accumulate(transformer):
@@ -396,8 +397,9 @@ def _train(args):
                     if prior is None:
                         loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
                     else:
-                        loss = prior.loss(transformer, batch, x0, text_embeds, generator, batch_index,
-                                          args.text_dropout)
+                        loss, halves = prior.loss(transformer, batch, x0, text_embeds, generator, batch_index,
+                                                  args.text_dropout)
+                        halves_sum = {k: halves_sum.get(k, 0) + v for k, v in halves.items()}
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
                 position += 1
@@ -431,8 +433,10 @@ def _train(args):
             samples_per_s = samples_per_step / step_seconds[-1]
             progress.update(1)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", samples_s=f"{samples_per_s:.2f}")
-            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s},
-                            step=iteration)
+            halves_logged = {k: accelerator.reduce(v, "mean").item() / args.gradient_accumulation_steps
+                             for k, v in halves_sum.items()}
+            accelerator.log({"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+                             **halves_logged}, step=iteration)
 
             stopping = stop.agreed(accelerator)
             if args.save_iter and (iteration % args.save_iter == 0 or iteration == args.max_iter or stopping):

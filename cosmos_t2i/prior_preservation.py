@@ -341,14 +341,17 @@ def collate_mixed(items: list[dict]) -> dict:
 
 
 def prior_preservation_loss(transformer, x0, text_embeds, generator, class_x0, class_embeds, class_generator,
-                            weight: float, text_dropout: float) -> torch.Tensor:
-    """instance loss + weight x class loss over one transformer call on the concatenated batch. Each half draws
-    its noise from its own generator (the instance half exactly as diffusion_loss would)."""
+                            weight: float, text_dropout: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """instance loss + weight x class loss over one transformer call on the concatenated batch, and the two halves
+    apart (detached, for the log: the class loss rising while the instance loss falls is drift). Each half draws its
+    noise from its own generator (the instance half exactly as diffusion_loss would)."""
     instance = noised(x0, text_embeds, generator, text_dropout)
     classes = noised(class_x0, class_embeds, class_generator, text_dropout)
     losses = per_sample_loss(transformer, *(torch.cat([a, b.to(a.dtype)]) for a, b in zip(instance, classes)))
     n = x0.shape[0]
-    return losses[:n].mean() + weight * losses[n:].mean()
+    instance_loss, class_loss = losses[:n].mean(), losses[n:].mean()
+    return instance_loss + weight * class_loss, {"loss_instance": instance_loss.detach(),
+                                                 "loss_class": class_loss.detach()}
 
 
 def class_noise_seed(seed: int, batch_index: int) -> int:
@@ -369,7 +372,8 @@ class PriorPreservation:
             num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
     def loss(self, transformer, batch: dict, x0, text_embeds, generator, batch_index: int, text_dropout: float):
-        """The micro-step's loss; `x0`, `text_embeds`, `generator`: the instance half's, as the trainer made them."""
+        """The micro-step's loss and its halves ({"loss_instance", "loss_class"}, detached); `x0`, `text_embeds`,
+        `generator`: the instance half's, as the trainer made them."""
         class_x0 = batch["class"]["latents"].to(x0.device, torch.float32)
         class_embeds = batch["class"]["text_embeds"].to(x0.device, text_embeds.dtype)
         class_generator = torch.Generator(x0.device).manual_seed(class_noise_seed(self.seed, batch_index))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -208,8 +209,11 @@ def test_loss_is_instance_loss_plus_weight_times_class_loss(tiny_model_dir):
     embeds, class_embeds = torch.randn(2, 512, 32, generator=g), torch.randn(2, 512, 32, generator=g)
 
     def mixed(weight):
-        return prior_preservation_loss(transformer, x0, embeds, torch.Generator().manual_seed(1), class_x0,
-                                       class_embeds, torch.Generator().manual_seed(2), weight, text_dropout=0.5)
+        total, halves = prior_preservation_loss(transformer, x0, embeds, torch.Generator().manual_seed(1), class_x0,
+                                                class_embeds, torch.Generator().manual_seed(2), weight,
+                                                text_dropout=0.5)
+        torch.testing.assert_close(total, halves["loss_instance"] + weight * halves["loss_class"])
+        return total
 
     with torch.no_grad():
         # The two losses computed separately, each by the plain objective with its own generator.
@@ -218,11 +222,24 @@ def test_loss_is_instance_loss_plus_weight_times_class_loss(tiny_model_dir):
                                text_dropout=0.5)
         torch.testing.assert_close(mixed(0.5), instance + 0.5 * prior, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mixed(2.0), instance + 2.0 * prior, rtol=1e-5, atol=1e-6)
+        # The halves the trainer logs are the two plain losses.
+        _, halves = prior_preservation_loss(transformer, x0, embeds, torch.Generator().manual_seed(1), class_x0,
+                                            class_embeds, torch.Generator().manual_seed(2), 1.0, text_dropout=0.5)
+        torch.testing.assert_close(halves["loss_instance"], instance, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(halves["loss_class"], prior, rtol=1e-5, atol=1e-6)
     assert abs(prior - instance) > 1e-3  # the weight matters
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
+
+
+def _logged(output_dir, tags) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "logs" / "cosmos-predict2-text2image"))
+    events.Reload()
+    return {tag: np.array([e.value for e in events.Scalars(tag)]) for tag in tags}
 
 
 def _flags(dataset, output_dir, class_dir, lora, *more):
@@ -245,8 +262,11 @@ def test_a_run_with_prior_preservation_trains_and_resumes_exactly(dataset, pixel
                         lambda t, x0, e, g, cx0, *a, **k: halves.append((len(x0), len(cx0))) or loss(t, x0, e, g, cx0,
                                                                                                    *a, **k))
     class_dir = tmp_path / "class"
-    straight = train(*_flags(dataset, tmp_path / "straight", class_dir, lora))
+    straight = train(*_flags(dataset, tmp_path / "straight", class_dir, lora, "--report_to", "tensorboard"))
     assert len(generated) == 2 and halves == [(1, 1)] * 4  # one instance and one class image per micro-step
+    logged = _logged(tmp_path / "straight", ("loss", "loss_instance", "loss_class"))
+    assert all(len(v) == 4 for v in logged.values())  # the two halves beside the total, every step
+    np.testing.assert_allclose(logged["loss"], logged["loss_instance"] + logged["loss_class"], rtol=1e-4)
 
     middle = straight.parent / ckpt.iter_name(2)
     shutil.copytree(middle, tmp_path / "copy")
