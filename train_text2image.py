@@ -607,7 +607,7 @@ def _push(args, config: dict, preset, method, data, checkpoint: Path, validation
 
 def recipe_summary(config: dict, method) -> dict:
     """The run's settings worth a line in the model card."""
-    return {
+    summary = {
         "base model": config["model"],
         "method": method.summary(config),
         "steps": config["max_iter"],
@@ -620,6 +620,10 @@ def recipe_summary(config: dict, method) -> dict:
         "precision": f"{config['mixed_precision']} compute, fp32 master weights",
         "text dropout (CFG)": config["text_dropout"],
     }
+    if config.get("class_prompt"):
+        summary["prior preservation"] = (f"{config['num_class_images']} class images of \"{config['class_prompt']}\" "
+                                         f"made by the base model, class loss weight {config['prior_loss_weight']}")
+    return summary
 
 
 def _run() -> None:

@@ -315,3 +315,18 @@ def test_two_processes_split_the_generation_and_train_as_one_process_does(datase
                         "--gradient_accumulation_steps", 2))
     assert generated == []
     assert_same_training(ckpt.latest_checkpoint(tmp_path / "two"), one)
+
+
+def test_the_model_card_names_prior_preservation():
+    import train_text2image
+    from cosmos_t2i.methods import LoraFineTune
+
+    config = dict(model="tiny", max_iter=4, train_batch_size=1, gradient_accumulation_steps=1, world_size=1,
+                  learning_rate=1e-3, lr_start_factor=1.0, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8,
+                  weight_decay=0.1, max_grad_norm=1.0, ema=True, ema_sigma_rel=0.1, mixed_precision="bf16",
+                  text_dropout=0.2, rank=16, lora_alpha=16)
+    method = LoraFineTune(16, 16)
+    assert "prior preservation" not in train_text2image.recipe_summary(config, method)
+    config.update(class_prompt=CLASS_PROMPT, num_class_images=100, prior_loss_weight=1.0)
+    line = train_text2image.recipe_summary(config, method)["prior preservation"]
+    assert CLASS_PROMPT in line and "100 class images" in line and "1.0" in line
