@@ -134,6 +134,13 @@ def parse_args(argv=None):
         parser.error("give exactly one of --prompt and --batch_input_json")
     if (args.height is None) != (args.width is None):
         parser.error("give both --height and --width, or neither")
+    if args.text_encoder_device is not None:
+        try:
+            device = torch.device(args.text_encoder_device)
+        except RuntimeError:
+            parser.error(f"--text_encoder_device {args.text_encoder_device!r} is not a device: use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--text_encoder_device cuda: no CUDA GPU here; use cpu")
     if args.offload and args.compile == "on":
         parser.error("--offload streams weights with hooks that run on every call: use --compile off or auto")
     if args.guidance and not uses_unconditional_pass(args.guidance, args.sampler):

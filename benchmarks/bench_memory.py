@@ -31,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_infer import build_pipeline  # noqa: E402
-from benchmarks.common import Timer, device_name, free_memory, peak_gib, reset_peak_memory, write_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Timer, device_name, free_memory, limit_memory, peak_gib, reset_peak_memory, write_table,
+)
 from cosmos_t2i import fp8, fp8_base, speed  # noqa: E402
 from cosmos_t2i.cuda_graphs import GraphedTransformer  # noqa: E402
 from cosmos_t2i.methods import LoraFineTune  # noqa: E402
@@ -70,13 +72,6 @@ def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
-def _limit_memory(card_gib: float | None, device) -> None:
-    if card_gib and device.type == "cuda":
-        free_memory()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * 2**30 / total))
-
-
 def _inputs(config: dict, height: int, width: int, device, batch: int = 1, seed: int = 1):
     generator = torch.Generator(device).manual_seed(seed)
     x0 = torch.randn(batch, config["in_channels"], 1, height // 8, width // 8, device=device, generator=generator)
@@ -92,8 +87,6 @@ def _layer_type(name: str) -> str:
 
 @torch.no_grad()
 def layers(args, device) -> tuple[list[dict], str]:
-    from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import CosmosTransformer3DModel  # noqa: F401
-
     from cosmos_t2i.models import random_transformer
 
     torch.manual_seed(0)
@@ -188,7 +181,6 @@ def quality(args, device) -> tuple[list[dict], str]:
         return [_relative(sample_latents(pipe, text, negative, args.quality_size, args.quality_size, 35, 4.0,
                                          torch.Generator("cpu").manual_seed(seed)), x0) for seed in range(3)]
 
-    base_errors_needed = {n: p.detach().clone() for n, p in exact.named_parameters() if p.requires_grad}
     with torch.no_grad():
         bf16_errors = sample_errors()
         for n, p in exact.named_parameters():
@@ -199,9 +191,8 @@ def quality(args, device) -> tuple[list[dict], str]:
             if n.endswith("lora_B.default.weight"):
                 p.zero_()
         untrained_errors = sample_errors()
-    del base_errors_needed
     a, b = curves["bf16 base"], curves["fp8 base"]
-    window = 20
+    window = min(20, args.steps)  # 20-step means (fewer steps: one mean of all)
     smooth = lambda c: [sum(c[i:i + window]) / window for i in range(0, len(c) - window + 1, window)]  # noqa: E731
     gaps = [abs(x - y) / y for x, y in zip(smooth(b), smooth(a))]
     rows = [
@@ -224,12 +215,10 @@ def sampling(args, device) -> tuple[list[dict], str]:
     """The peak of infer_text2image.py's two phases (T5, then the transformer and VAE) and the time per image."""
     from transformers import T5Config, T5EncoderModel
 
-    from cosmos_t2i.models import random_transformer
-
     pipe = build_pipeline(args.model, device)
     pipe.transformer = pipe.transformer.to("cpu")  # as infer loads it: in host memory until T5 is gone
     free_memory()
-    _limit_memory(args.card_gib, device)
+    limit_memory(args.card_gib, device)
     reset_peak_memory()
     t5_peak = None
     if not args.no_text_encoder:
@@ -269,7 +258,6 @@ def sampling(args, device) -> tuple[list[dict], str]:
         s_per_image, fits = timer.seconds / args.runs, "yes"
     except torch.OutOfMemoryError:
         s_per_image, fits = "OOM", "no"
-    del random_transformer
     mode = ("fp8" if args.fp8 else "bf16") + (" + offload" if args.offload else "") + \
         (" + compiled" if args.compile and not args.offload else "")
     row = dict(model=args.model, weights=mode, text_encoder="none" if args.no_text_encoder else "T5-XXL, then freed",

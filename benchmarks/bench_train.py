@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
-    Timer, allocator_stats, device_name, free_memory, peak_gib, profile_kernels, reset_peak_memory,
+    Timer, allocator_stats, device_name, free_memory, limit_memory, peak_gib, profile_kernels, reset_peak_memory,
     train_flops_per_sample, write_table,
 )
 from cosmos_t2i import speed  # noqa: E402
@@ -130,10 +130,7 @@ def run_variant(args, variant: Variant, device) -> dict:
         torch.cuda.set_per_process_memory_fraction(1.0)  # the build is not the emulated card's (--card_gib)
     transformer, params = build_transformer(args.model, args.lora, device, variant.fp8_base)
     transformer.train()
-    if args.card_gib and device.type == "cuda":
-        free_memory()  # the build's leftovers go back; the card's limit applies to training
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * 2**30 / total))
+    limit_memory(args.card_gib, device)  # the card's limit applies to training, not to the build
     recompute = 0.0
     if variant.checkpoint_fraction:
         recompute = speed.checkpoint_blocks(transformer, variant.checkpoint_fraction) / len(

@@ -90,6 +90,15 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def limit_memory(card_gib: float | None, device) -> None:
+    """Emulate a GPU of `card_gib` GiB from here on: what the build left cached goes back, and the process may
+    allocate no more (torch.cuda.set_per_process_memory_fraction). Nothing without `card_gib` or off a GPU."""
+    if card_gib and torch.device(device).type == "cuda":
+        free_memory()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * 2**30 / total))
+
+
 def write_table(rows: list[dict], columns: list[str], header: str, path: str | None) -> str:
     """A markdown table of `rows`, printed and (with `path`) written with the raw rows as JSON beside it."""
     lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -129,17 +129,29 @@ def quantize_transformer_blocks(transformer, device=None) -> int:
 
     Do it after LoRAs are fused (an unfused peft layer is not an nn.Linear and stays bf16) and before
     `speed.compile_transformer_blocks`, which then fuses the activation quantization into the preceding kernels.
-    With `device`, each block moves there just before it is quantized, and the rest of the model after: a
-    transformer loaded on the CPU reaches the GPU holding only fp8 block weights (14B: 14 GB, not 28 + 14).
+    With `device`, the blocks reach it one at a time (`quantize_block_by_block`).
     """
+    def quantize(block) -> int:
+        count = 0
+        if _is_exact_gelu_feed_forward(block.ff):
+            block.ff = Float8GeluFeedForward(block.ff)
+            count += 2
+        return count + replace_token_wise_linears(block, Float8Linear)
+
+    return quantize_block_by_block(transformer, quantize, device)
+
+
+def quantize_block_by_block(transformer, quantize, device=None) -> int:
+    """`quantize(block)` (which returns how many layers it replaced) on every block, each moved to `device` just
+    before, and the rest of the model after: a transformer loaded on the CPU reaches the GPU holding only its
+    quantized block weights and one block at full size (14B: 14 GB of fp8, not 28 + 14). Returns the total."""
     count = 0
     for block in transformer.transformer_blocks:
         if device is not None:
             block.to(device)
-        if _is_exact_gelu_feed_forward(block.ff):
-            block.ff = Float8GeluFeedForward(block.ff)
-            count += 2
-        count += replace_token_wise_linears(block, Float8Linear)
+        count += quantize(block)
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the block's bf16 weights were just freed: keep the allocator's pool small
     if device is not None:
         transformer.to(device)
     return count

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fp8 import quantize_rows, replace_token_wise_linears
+from .fp8 import quantize_block_by_block, quantize_rows, replace_token_wise_linears
 
 
 def dequantize(weight_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -64,17 +64,10 @@ class Float8StoredLinear(nn.Module):
 
 
 def store_blocks_in_fp8(transformer, device, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Quantize the token-wise Linear layers of every block in place, moving each block to `device` first.
-
-    Block by block, so the GPU never holds more than one block in bf16 (a 14B base loaded on the CPU in bf16 is
-    28 GB; its blocks in fp8 are 14 GB). The rest of the model moves to `device` afterwards. Returns how many layers
-    were quantized. Call it after peft's `add_adapter`: the adapters then wrap nn.Linear layers as usual, and the
-    base layer under each adapter is the one replaced."""
-    count = 0
-    for block in transformer.transformer_blocks:
-        block.to(device)
-        count += replace_token_wise_linears(block, lambda linear: Float8StoredLinear(linear, dtype))
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()  # the block's bf16 weights were just freed: keep the allocator's pool small
-    transformer.to(device)
-    return count
+    """Quantize the token-wise Linear layers of every block in place, on their way to `device` one block at a time
+    (fp8.quantize_block_by_block: a 14B base loaded on the CPU in bf16 is 28 GB, its blocks in fp8 14 GB). Returns
+    how many layers were quantized. Call it after peft's `add_adapter`: the adapters then wrap nn.Linear layers as
+    usual, and the base layer under each adapter is the one replaced."""
+    return quantize_block_by_block(
+        transformer, lambda block: replace_token_wise_linears(block, lambda linear: Float8StoredLinear(linear, dtype)),
+        device)

@@ -53,11 +53,11 @@ def training_advice(args) -> list[str]:
 def sampling_advice(args) -> list[str]:
     """infer_text2image.py's flags that would lower its memory, cheapest first."""
     advice = []
-    if getattr(args, "text_encoder_device", "cpu") != "cpu":
+    if args.text_encoder_device != "cpu":
         advice.append("--text_encoder_device cpu (T5 encodes the prompts on the CPU)")
     if not args.fp8:
         advice.append("--fp8 (the transformer blocks' weights in fp8)")
-    if not getattr(args, "offload", False):
+    if not args.offload:
         advice.append("--offload (weights stay in host memory and stream to the GPU block by block)")
     return advice
 

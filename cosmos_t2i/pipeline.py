@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint_paths import Checkpoint, NoEMAError
+from .fp8 import quantize_transformer_blocks
 from .lora import apply_loras, read_lora
 from .models import Model, as_model, check_same_architecture, load_base_transformer
 from .speed import single_frame_vae_convs
@@ -181,10 +182,8 @@ def place_for_sampling(transformer, device, fp8: bool = False, offload: bool = F
     """
     from diffusers.hooks import apply_group_offloading
 
-    from . import fp8 as fp8_matmuls
-
     if fp8:
-        fp8_matmuls.quantize_transformer_blocks(transformer, None if offload else device)
+        quantize_transformer_blocks(transformer, None if offload else device)
     if not offload:
         transformer.to(device)
         return

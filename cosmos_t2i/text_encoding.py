@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import models
+
 MAX_LENGTH = 512
 PROMPTS_PER_BATCH = 8  # T5-XXL's activations for 8 x 512 tokens stay well below its 9 GiB of weights
 
@@ -46,9 +48,7 @@ def pad_embedding(embedding: torch.Tensor, max_length: int = MAX_LENGTH) -> torc
 def encode_prompts(model, prompts: list[str], device, dtype) -> torch.Tensor:
     """[P, 512, D] padded T5 embeddings of `prompts` (a `--model` record), on the CPU; the encoder is gone when this
     returns, so whatever runs next (training, the transformer of sampling) has the GPU without T5's 9 GiB."""
-    from .models import load_text_encoder
-
-    tokenizer, text_encoder = load_text_encoder(model, device, dtype)
+    tokenizer, text_encoder = models.load_text_encoder(model, device, dtype)
     padded = []
     for start in range(0, len(prompts), PROMPTS_PER_BATCH):
         embeddings = encode_captions(tokenizer, text_encoder, prompts[start:start + PROMPTS_PER_BATCH])

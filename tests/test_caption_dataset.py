@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
+from hub_helpers import refuse_as_gated
 from PIL import Image
 
 import caption_dataset
@@ -205,7 +205,6 @@ def _error_line(capsys, dataset_dir, model):
 
 def test_a_vlm_that_cannot_be_loaded_is_one_error_line_naming_it_and_the_fix(tmp_path, capsys, monkeypatch):
     import transformers
-    from huggingface_hub.errors import GatedRepoError
 
     dataset_dir = _imagefolder(tmp_path / "ds", [""] * 2)
     before = (dataset_dir / "metadata.jsonl").read_bytes()
@@ -217,14 +216,7 @@ def test_a_vlm_that_cannot_be_loaded_is_one_error_line_naming_it_and_the_fix(tmp
     err = _error_line(capsys, dataset_dir, str(tmp_path / "empty"))
     assert "without config.json" in err
 
-    def refused(*args, **kwargs):
-        response = types.SimpleNamespace(status_code=401, headers={}, request=None)
-        try:
-            raise GatedRepoError("401 Client Error: access to model is restricted", response=response)
-        except GatedRepoError as error:  # what transformers does with it
-            raise OSError("You are trying to access a gated repo.") from error
-
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refused)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse_as_gated)
     err = _error_line(capsys, dataset_dir, "someorg/gated-vlm")
     assert "someorg/gated-vlm" in err and "https://huggingface.co/someorg/gated-vlm" in err
     assert "hf auth login" in err

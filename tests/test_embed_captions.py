@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hub_helpers import refuse_as_gated
 from PIL import Image
 
 import embed_captions
@@ -162,18 +163,10 @@ def test_nvidia_import_refuses_non_numpy_pickles_and_missing_ones(tmp_path):
 
 def test_gated_repo_refusal_says_what_to_do_and_keeps_the_old_dataset(prepared, monkeypatch):
     import transformers
-    from huggingface_hub.errors import GatedRepoError
 
     dataset_dir, info = prepared
 
-    def refused(*args, **kwargs):
-        response = types.SimpleNamespace(status_code=401, headers={}, request=None)
-        try:
-            raise GatedRepoError("401 Client Error: access to model is restricted", response=response)
-        except GatedRepoError as error:  # what transformers does with it
-            raise OSError("You are trying to access a gated repo.") from error
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refused)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse_as_gated)
     with pytest.raises(PermissionError, match=r"accept the NVIDIA Open Model License.*hf auth login.*huggingface-cli login"):
         embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "nvidia/Cosmos-Predict2-2B-Text2Image"])
     assert fmt.read_info(dataset_dir) == info  # the failed run replaced nothing

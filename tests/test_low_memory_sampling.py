@@ -69,6 +69,14 @@ def test_offload_refuses_forced_compilation():
         infer.parse_args([*FAST, "--prompt", PROMPT, "--offload", "--compile", "on"])
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda"] if not torch.cuda.is_available() else ["gpu0"])
+def test_a_text_encoder_device_that_cannot_work_is_one_line_before_any_loading(device, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        infer.parse_args([*FAST, "--prompt", PROMPT, "--text_encoder_device", device])
+    assert exit_.value.code == 2
+    assert "--text_encoder_device" in capsys.readouterr().err
+
+
 def test_prompts_are_encoded_in_batches_with_the_same_numbers(tiny_model_dir, monkeypatch):
     prompts = [f"prompt number {i}" for i in range(5)]
     one_batch = text_encoding.encode_prompts(models.resolve_model("tiny"), prompts, "cpu", torch.float32)
