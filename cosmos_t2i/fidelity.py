@@ -84,14 +84,33 @@ def _save_aside(path: Path, build) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+TINY_DINO_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8)
+TINY_CLIP_SHAPE = dict(
+    text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8),
+    projection_dim=16,
+)
+
+
 def _build_tiny_dino(folder: Path) -> None:
+    build_random_dino(folder, TINY_DINO_SHAPE)
+
+
+def _build_tiny_clip(folder: Path) -> None:
+    build_random_clip(folder, TINY_CLIP_SHAPE)
+
+
+def build_random_dino(folder: Path, shape: dict) -> None:
+    """A ViT of `shape` (ViTConfig fields) with seeded random weights and its image processor, saved to `folder`:
+    the tiny DINO, or a full-size stand-in for GPU benchmarks."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       image_size=32, patch_size=8)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    ViTModel(ViTConfig(**shape), add_pooling_layer=False).save_pretrained(folder)
+    side = shape["image_size"]
+    ViTImageProcessor(size={"height": side, "width": side}).save_pretrained(folder)
 
 
 def build_tiny_clip_tokenizer():
@@ -106,22 +125,20 @@ def build_tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def _build_tiny_clip(folder: Path) -> None:
+def build_random_clip(folder: Path, shape: dict) -> None:
+    """A CLIP of `shape` (CLIPConfig's text/vision sizes and projection_dim) with seeded random weights, the tiny
+    CLIP tokenizer and an image processor, saved to `folder`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     tokenizer = build_tiny_clip_tokenizer()
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
+    text = dict(shape["text_config"], vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
+                eos_token_id=1, pad_token_id=1)
+    config = CLIPConfig(text_config=text, vision_config=shape["vision_config"], projection_dim=shape["projection_dim"])
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    side = shape["vision_config"]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

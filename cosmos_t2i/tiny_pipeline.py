@@ -96,13 +96,22 @@ def build_tiny_tokenizer() -> T5TokenizerFast:
 def build_tiny_pipeline(path: str | os.PathLike) -> Path:
     """Build the tiny pipeline with fixed seeds and save it to `path` (written aside, then renamed into place; if
     another process finished first, its identical copy is kept)."""
+    return build_random_pipeline(path, TRANSFORMER_CONFIG, VAE_CONFIG, T5)
+
+
+def build_random_pipeline(path: str | os.PathLike, transformer_config: dict, vae_config: dict, t5_config: dict,
+                          device="cpu", dtype: torch.dtype = torch.float32) -> Path:
+    """A pipeline folder of these shapes with random weights (seeded) and the tiny tokenizer: the tiny model, or a
+    full-size stand-in for GPU benchmarks of whole commands (built on `device`, saved in `dtype`)."""
     tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    transformer = CosmosTransformer3DModel(**TRANSFORMER_CONFIG)
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**VAE_CONFIG)
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, **T5))
+    with torch.device(device):
+        torch.manual_seed(0)
+        transformer = CosmosTransformer3DModel(**transformer_config).to(dtype)
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**vae_config).to(dtype)
+        torch.manual_seed(0)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1,
+                                               **t5_config)).to(dtype)
     scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
 
     with staged_folder(path, keep_existing=True) as staging:
