@@ -275,3 +275,30 @@ def test_pruning_removes_complete_checkpoints_only(tmp_path):
         _save(tmp_path, iteration, total_limit=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         ckpt.iter_name(0), ckpt.iter_name(2), ckpt.iter_name(3), "latest_checkpoint.txt"]
+
+
+def test_pinned_snapshot_buffers_each_own_a_storage_so_safetensors_writes_them(tmp_path, monkeypatch):
+    """On a CUDA machine background saves copy into page-locked buffers. Slices of one pinned block share a
+    storage, which safetensors refuses to save (the first GPU run of bench_save.py failed so). Page-locking needs a
+    GPU: here the pinned allocation is taken as ordinary memory, and the registration is recorded instead."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    from cosmos_t2i import host_copy
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    registered = []
+    monkeypatch.setattr(host_copy, "_register", registered.append, raising=False)
+    copier = host_copy.HostCopier(reuse=True)
+    copier.pin = True  # as on a CUDA machine
+    live = {"a.weight": torch.randn(4, 3), "b.bias": torch.randn(5), "c.weight": torch.randn(2, 2).bfloat16()}
+    copier.begin(list(live.values()))
+    snapshot = copier(live)
+    copier.end()
+
+    save_torch_state_dict(snapshot, tmp_path)
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in live.items())
+    assert len({t.untyped_storage().data_ptr() for t in snapshot.values()}) == len(live)
+    assert len(registered) == len(live)
