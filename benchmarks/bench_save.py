@@ -53,6 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks, as the trainer does.")
     parser.add_argument("--save_dir", default=None, help="Where checkpoints go (default: a temporary folder).")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke test of the script itself.")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
+                        help="Which runs; lost_per_save_s needs `none` among them (else blocked_s is the measure).")
     parser.add_argument("--out", default=None, help="Write the markdown table here (and the rows as .json).")
     return parser.parse_args(argv)
 
@@ -136,16 +138,16 @@ def main(argv=None):
     temporary = None if args.save_dir else tempfile.TemporaryDirectory(prefix="bench_save_")
     save_dir = Path(args.save_dir or temporary.name)
     rows = []
-    for mode in MODES:
+    for mode in args.modes:
         print(f"--- {mode}", flush=True)
         torch._dynamo.reset()
         rows.append(run(args, mode, device, save_dir))
         free_memory()
         print(rows[-1], flush=True)
-    baseline = rows[0]["seconds"]
+    baseline = rows[0]["seconds"] if rows[0]["mode"] == "none" else None
     for row in rows:
-        row["step_s"] = baseline / args.steps
-        row["lost_per_save_s"] = (row["seconds"] - baseline) / row["saves"] if row["saves"] else 0.0
+        row["step_s"] = baseline / args.steps if baseline is not None else None
+        row["lost_per_save_s"] = (row["seconds"] - baseline) / row["saves"] if row["saves"] and baseline else None
     kind = "LoRA r16" if args.lora else "full fine-tune"
     header = (f"### Checkpoint saves, {args.model} {kind}{'' if args.no_ema else ' + EMA'}, batch {args.batch_size} "
               f"at {args.width}x{args.height}, a save every {args.save_every} steps, {device_name()}, "
