@@ -1,0 +1,230 @@
+"""`--offload_frozen`: a LoRA run whose frozen block weights live in (pinned) host memory and reach the GPU one block
+at a time, the next block's copy overlapped with the current block's compute. 14B's bf16 blocks are 28 GB, its
+fp8 ones (`--fp8_base`) 14 GB; offloaded, the GPU holds two or three blocks of them (0.8 GB each in bf16).
+
+What moves: the token-wise Linear weights of every block (the layers `--fp8_base` stores in fp8, ~97% of the
+parameters), in bf16 or, with `--fp8_base`, in fp8 with their scales. What stays on the GPU: the adapters, the
+adaLN modulation, norms, embeddings and the final layer (small).
+
+How (all of it here, ~150 lines). Each block's frozen tensors are packed into one pinned host buffer, so a block is
+one host-to-device copy. `BlockStreamer` keeps at most two blocks on the device: the one running and the one it
+predicts next, copied on a side CUDA stream while the current one computes (an event orders the compute after the
+copy). The prediction: forward runs blocks 0..N-1; after the last, the backward runs N-1..0 (with activation
+checkpointing its recompute too: the recompute and the backward of a block share one copy). At the end of each
+backward all copies are dropped, so between steps nothing is held on the device. `OffloadedLinear`'s autograd
+function saves no weight: its backward asks the streamer for the block again. That is what makes offload work
+with or without activation checkpointing: autograd never holds a device copy.
+
+Overlapped: every block's copy but the first of each step (block 0, fetched when the step's forward starts, while
+nothing else runs on the GPU). Not overlapped either: the dequantisation of fp8 weights (on the compute stream, as
+with `--fp8_base` alone). Bandwidth bound: at ~50 GB/s (PCIe 5), 14B's bf16 blocks take ~0.55 s per pass, two
+passes a step; fp8 half of that.
+
+Why not diffusers' `apply_group_offloading` (used for sampling in pipeline.py): it is built for inference. It swaps
+`param.data` of the module's own parameters between host and device, while autograd keeps the frozen weight that
+F.linear saved for the backward (the device copy stays alive until then, or the backward reads the host copy); its
+prefetch order is the first forward's, with no backward order; and its block-level hooks run on the block's
+`__call__`, which a non-reentrant activation-checkpoint recompute bypasses. Nor accelerate's `cpu_offload`
+(synchronous, per module, the same saved-weight problem).
+
+Not with torch.compile: the streamer's stream and event calls inside a block would break each compiled graph at
+every layer; the trainer runs the blocks eager with this flag (train_text2image.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fp8 import quantize_block_by_block, replace_token_wise_linears
+from .fp8_base import Float8StoredLinear, dequantize
+
+_ALIGN = 64  # bytes: every packed tensor starts aligned for any dtype view
+
+
+class _LinearOnStreamedWeight(torch.autograd.Function):
+    """x @ W^T + b where W is `layer`'s device copy, with the gradient for x only (W and b are frozen). Nothing of
+    W is saved: the backward fetches it again through the streamer, so autograd holds no device copy."""
+
+    @staticmethod
+    def forward(ctx, x, layer, weight, bias):
+        ctx.layer = layer
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, _ = ctx.layer.device_weights(grad_out.dtype)
+        return grad_out @ weight, None, None, None
+
+
+class OffloadedLinear(nn.Module):
+    """A frozen block Linear (nn.Linear, or fp8_base's Float8StoredLinear) whose tensors the streamer holds on the
+    host; it has no parameters or buffers, so `.to(device)` and `state_dict()` pass it by (the saved LoRA is the
+    adapters' only, as always)."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = layer.in_features, layer.out_features, dtype
+        self.fp8 = isinstance(layer, Float8StoredLinear)
+        self.streamer, self.block, self.slot = None, None, None  # set by BlockStreamer
+
+    @staticmethod
+    def host_tensors(layer: nn.Module) -> list[torch.Tensor | None]:
+        """What goes to the host for `layer`: weight (fp8 or `dtype`), scale (fp8 only), bias."""
+        if isinstance(layer, Float8StoredLinear):
+            return [layer.weight_fp8, layer.weight_scale, layer.bias]
+        return [layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()]
+
+    def device_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, scale, bias = self.streamer.tensors(self)
+        weight = dequantize(weight, scale, dtype) if self.fp8 else weight.to(dtype)
+        return weight, None if bias is None else bias.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        weight, bias = self.device_weights(x.dtype)
+        return _LinearOnStreamedWeight.apply(x, self, weight, bias)
+
+    def extra_repr(self) -> str:
+        storage = "fp8 e4m3" if self.fp8 else str(self.dtype)
+        return f"in_features={self.in_features}, out_features={self.out_features}, {storage} offloaded to the host"
+
+
+class _Packed:
+    """One block's frozen tensors in one host buffer (pinned for asynchronous copies when the device is a GPU)."""
+
+    def __init__(self, tensor_lists: list[list[torch.Tensor | None]], pin: bool):
+        self.layout, size = [], 0
+        for tensors in tensor_lists:
+            entries = []
+            for t in tensors:
+                if t is None:
+                    entries.append(None)
+                    continue
+                entries.append((size, t.dtype, t.shape))
+                size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+            self.layout.append(entries)
+        self.host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        for tensors, entries in zip(tensor_lists, self.layout):
+            for t, entry in zip(tensors, entries):
+                if t is not None:
+                    self.view(self.host, entry).copy_(t)
+
+    @staticmethod
+    def view(buffer: torch.Tensor, entry) -> torch.Tensor | None:
+        if entry is None:
+            return None
+        offset, dtype, shape = entry
+        count = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        return buffer[offset:offset + count].view(dtype).view(shape)
+
+    def unpack(self, buffer: torch.Tensor) -> list[list[torch.Tensor | None]]:
+        return [[self.view(buffer, entry) for entry in entries] for entries in self.layout]
+
+
+class BlockStreamer:
+    """Keeps the device copies of at most two blocks: the running one and the predicted next (module docstring).
+
+    On a CPU run the "device copy" is the host buffer itself (nothing to move); `copy_on_cpu` makes a real copy
+    there, so that tests can watch copies come and go."""
+
+    def __init__(self, packed: list[_Packed], device, copy_on_cpu: bool = False):
+        self.packed, self.device = packed, torch.device(device)
+        self.copies = self.device.type != "cpu" or copy_on_cpu
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.resident: dict[int, tuple[list, torch.cuda.Event | None]] = {}
+        self.current: int | None = None
+        self._release_queued = False
+        self.fetches = 0  # copies made (tests)
+
+    def tensors(self, layer: OffloadedLinear) -> list[torch.Tensor | None]:
+        if layer.block != self.current:
+            self._enter(layer.block)
+        return self.resident[layer.block][0][layer.slot]
+
+    def _enter(self, index: int) -> None:
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and not self._release_queued:
+            # Run once this backward has finished: nothing stays on the device between steps.
+            torch.autograd.Variable._execution_engine.queue_callback(self.release)
+            self._release_queued = True
+        if index not in self.resident:
+            self.resident[index] = self._fetch(index)
+        tensors, event = self.resident[index]
+        if event is not None:  # the compute waits for this block's copy (once: later work is ordered after it)
+            torch.cuda.current_stream(self.device).wait_event(event)
+            self.resident[index] = (tensors, None)
+        self.current = index
+        last = len(self.packed) - 1
+        if in_backward:
+            following = index - 1 if index > 0 else None
+        elif index < last:
+            following = index + 1
+        else:  # the forward's last block: the backward comes next, from the end (none without grad)
+            following = index - 1 if torch.is_grad_enabled() and index > 0 else None
+        for other in [i for i in self.resident if i not in (index, following)]:
+            del self.resident[other]  # freed once the compute stream is past it (record_stream in _fetch)
+        if following is not None and following not in self.resident:
+            self.resident[following] = self._fetch(following)
+
+    def _fetch(self, index: int):
+        packed = self.packed[index]
+        if not self.copies:
+            return packed.unpack(packed.host), None
+        self.fetches += 1
+        if self.stream is None:
+            return packed.unpack(packed.host.to(self.device, copy=True)), None
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            buffer = packed.host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        # Allocated on the side stream, used on the compute stream: the allocator must not reuse the memory before
+        # the compute stream is done with it, however early our last reference goes.
+        buffer.record_stream(compute)
+        return packed.unpack(buffer), event
+
+    def release(self) -> None:
+        """Drop every device copy (the end of each backward; callable any time)."""
+        self.resident.clear()
+        self.current = None
+        self._release_queued = False
+
+    def device_bytes(self) -> int:
+        """Bytes of the device copies held now (0 on a CPU run without `copy_on_cpu`)."""
+        return sum(self.packed[i].host.numel() for i in self.resident) if self.copies else 0
+
+
+def offload_frozen_blocks(transformer, device, dtype: torch.dtype, fp8: bool = False,
+                          copy_on_cpu: bool = False) -> BlockStreamer:
+    """Replace every block's token-wise Linear (under its LoRA adapter) by an OffloadedLinear whose tensors are
+    packed per block in host memory, then move the rest of `transformer` to `device`. With `fp8`, each block is
+    quantized first (on `device`, as `--fp8_base` does: fast on a GPU) and its fp8 weights come back to the host.
+    Call it on a transformer built on the CPU, after `add_adapter`. Returns the streamer (also
+    `transformer.frozen_streamer`)."""
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    packed, layers_per_block = [], []
+
+    def offload(block) -> int:
+        layers = []
+
+        def replace(linear: nn.Linear) -> nn.Module:
+            layer = Float8StoredLinear(linear, dtype) if fp8 else linear
+            layers.append((OffloadedLinear(layer, dtype), OffloadedLinear.host_tensors(layer)))
+            return layers[-1][0]
+
+        count = replace_token_wise_linears(block, replace)
+        packed.append(_Packed([tensors for _, tensors in layers], pin))
+        layers_per_block.append([layer for layer, _ in layers])
+        return count
+
+    # fp8: each block goes to the device to be quantized there; bf16: it stays on the host, nothing to compute.
+    quantize_block_by_block(transformer, offload, device if fp8 else None)
+    transformer.to(device)
+    streamer = BlockStreamer(packed, device, copy_on_cpu)
+    for block, layers in enumerate(layers_per_block):
+        for slot, layer in enumerate(layers):
+            layer.streamer, layer.block, layer.slot = streamer, block, slot
+    transformer.frozen_streamer = streamer
+    return streamer
