@@ -7,7 +7,8 @@ parameters), in bf16 or, with `--fp8_base`, in fp8 with their scales. What stays
 adaLN modulation, norms, embeddings and the final layer (small).
 
 How (all of it here, ~150 lines). Each block's frozen tensors are packed into one pinned host buffer, so a block is
-one host-to-device copy. `BlockStreamer` keeps at most two blocks on the device: the one running and the one it
+one host-to-device copy. `BlockStreamer` keeps at most two blocks on the device (three while the GPU finishes
+with a dropped one): the one running and the one it
 predicts next, copied on a side CUDA stream while the current one computes (an event orders the compute after the
 copy). The prediction: forward runs blocks 0..N-1; after the last, the backward runs N-1..0 (with activation
 checkpointing its recompute too: the recompute and the backward of a block share one copy). At the end of each
@@ -32,6 +33,8 @@ every layer; the trainer runs the blocks eager with this flag (train_text2image.
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 from torch import nn
@@ -135,6 +138,7 @@ class BlockStreamer:
         self.resident: dict[int, tuple[list, torch.cuda.Event | None]] = {}
         self.current: int | None = None
         self._release_queued = False
+        self._dropped: collections.deque[torch.cuda.Event] = collections.deque()
         self.fetches = 0  # copies made (tests)
 
     def tensors(self, layer: OffloadedLinear) -> list[torch.Tensor | None]:
@@ -162,8 +166,7 @@ class BlockStreamer:
             following = index + 1
         else:  # the forward's last block: the backward comes next, from the end (none without grad)
             following = index - 1 if torch.is_grad_enabled() and index > 0 else None
-        for other in [i for i in self.resident if i not in (index, following)]:
-            del self.resident[other]  # freed once the compute stream is past it (record_stream in _fetch)
+        self._drop([i for i in self.resident if i not in (index, following)])
         if following is not None and following not in self.resident:
             self.resident[following] = self._fetch(following)
 
@@ -184,9 +187,23 @@ class BlockStreamer:
         buffer.record_stream(compute)
         return packed.unpack(buffer), event
 
+    def _drop(self, indices: list[int]) -> None:
+        for index in indices:
+            del self.resident[index]  # its memory is reused once the compute stream is past it (record_stream)
+        if self.stream is None or not indices:
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._dropped.append(done)
+        # The CPU runs ahead of the GPU. Unchecked, it would copy block after block into fresh memory while the GPU
+        # still computes on the dropped ones; waiting for the drop before last keeps three blocks' copies at most,
+        # and the CPU still a block ahead.
+        while len(self._dropped) > 1:
+            self._dropped.popleft().synchronize()
+
     def release(self) -> None:
         """Drop every device copy (the end of each backward; callable any time)."""
-        self.resident.clear()
+        self._drop(list(self.resident))
         self.current = None
         self._release_queued = False
 

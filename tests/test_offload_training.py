@@ -7,6 +7,7 @@ made host to host (`copy_on_cpu`), which is enough to see that nothing is kept o
 autograd holds no copy, and that each block is copied once per pass."""
 
 import gc
+import json
 import shutil
 import weakref
 
@@ -132,3 +133,15 @@ def test_nothing_stays_on_the_device_and_autograd_holds_no_copy(checkpointed, fp
     # except the two held across the turn: every copy was the one predicted, none made twice.
     assert streamer.fetches == 2 * blocks - 2
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_benchmark_runs_the_offloaded_variants(tmp_path):
+    from benchmarks import bench_train
+
+    out = tmp_path / "train.md"
+    bench_train.main(["--model", "tiny", "--lora", "--device", "cpu", "--height", "64", "--width", "64", "--steps", "1",
+                      "--warmup", "1", "--variants", "5,10,11", "--out", str(out)])
+    plain, fp8, offloaded, fp8_offloaded = json.loads(out.with_suffix(".json").read_text())
+    assert "bf16 base offloaded" in offloaded["variant"] and "fp8 base offloaded" in fp8_offloaded["variant"]
+    assert offloaded["loss_vs_plain"] == "0.0e+00"  # the same math as the plain path
+    assert fp8_offloaded["first_loss"] == fp8["first_loss"]  # and as --fp8_base alone
