@@ -104,8 +104,8 @@ class _Packed:
                 if t is None:
                     entries.append(None)
                     continue
-                entries.append((size, t.dtype, t.shape))
-                size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+                entries.append((size, t.numel() * t.element_size(), t.dtype, t.shape))
+                size += -(-entries[-1][1] // _ALIGN) * _ALIGN
             self.layout.append(entries)
         self.host = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
         for tensors, entries in zip(tensor_lists, self.layout):
@@ -117,8 +117,7 @@ class _Packed:
     def view(buffer: torch.Tensor, entry) -> torch.Tensor | None:
         if entry is None:
             return None
-        offset, dtype, shape = entry
-        count = shape.numel() * torch.empty((), dtype=dtype).element_size()
+        offset, count, dtype, shape = entry
         return buffer[offset:offset + count].view(dtype).view(shape)
 
     def unpack(self, buffer: torch.Tensor) -> list[list[torch.Tensor | None]]:
@@ -142,16 +141,17 @@ class BlockStreamer:
         self.fetches = 0  # copies made (tests)
 
     def tensors(self, layer: OffloadedLinear) -> list[torch.Tensor | None]:
-        if layer.block != self.current:
-            self._enter(layer.block)
-        return self.resident[layer.block][0][layer.slot]
-
-    def _enter(self, index: int) -> None:
+        # Inside a backward (the engine's graph task id is set, also for a checkpoint's recompute): run `release`
+        # once this backward has finished, as FSDP does, so that nothing stays on the device between steps.
         in_backward = torch._C._current_graph_task_id() != -1
         if in_backward and not self._release_queued:
-            # Run once this backward has finished: nothing stays on the device between steps.
             torch.autograd.Variable._execution_engine.queue_callback(self.release)
             self._release_queued = True
+        if layer.block != self.current:
+            self._enter(layer.block, in_backward)
+        return self.resident[layer.block][0][layer.slot]
+
+    def _enter(self, index: int, in_backward: bool) -> None:
         if index not in self.resident:
             self.resident[index] = self._fetch(index)
         tensors, event = self.resident[index]
