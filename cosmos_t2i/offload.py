@@ -6,15 +6,14 @@ What moves: the token-wise Linear weights of every block (the layers `--fp8_base
 parameters), in bf16 or, with `--fp8_base`, in fp8 with their scales. What stays on the GPU: the adapters, the
 adaLN modulation, norms, embeddings and the final layer (small).
 
-How (all of it here, ~150 lines). Each block's frozen tensors are packed into one pinned host buffer, so a block is
-one host-to-device copy. `BlockStreamer` keeps at most two blocks on the device (three while the GPU finishes
-with a dropped one): the one running and the one it
-predicts next, copied on a side CUDA stream while the current one computes (an event orders the compute after the
-copy). The prediction: forward runs blocks 0..N-1; after the last, the backward runs N-1..0 (with activation
-checkpointing its recompute too: the recompute and the backward of a block share one copy). At the end of each
-backward all copies are dropped, so between steps nothing is held on the device. `OffloadedLinear`'s autograd
-function saves no weight: its backward asks the streamer for the block again. That is what makes offload work
-with or without activation checkpointing: autograd never holds a device copy.
+How (all of it here). Each block's frozen tensors are packed into one pinned host buffer, so a block is one host-to-
+device copy. `BlockStreamer` keeps at most two blocks on the device (three while the GPU finishes with a dropped
+one): the one running and the one it predicts next, copied on a side CUDA stream while the current one computes (an
+event orders the compute after the copy). The prediction: forward runs blocks 0..N-1; after the last, the backward
+runs N-1..0 (with activation checkpointing its recompute too: the recompute and the backward of a block share one
+copy). At the end of each backward all copies are dropped, so between steps nothing is held on the device.
+`OffloadedLinear`'s autograd function saves no weight: its backward asks the streamer for the block again. That is
+what makes offload work with or without activation checkpointing: autograd never holds a device copy.
 
 Overlapped: every block's copy but the first of each step (block 0, fetched when the step's forward starts, while
 nothing else runs on the GPU). Not overlapped either: the dequantisation of fp8 weights (on the compute stream, as
@@ -22,11 +21,12 @@ with `--fp8_base` alone). Bandwidth bound: at ~50 GB/s (PCIe 5), 14B's bf16 bloc
 passes a step; fp8 half of that.
 
 Why not diffusers' `apply_group_offloading` (used for sampling in pipeline.py): it is built for inference. It swaps
-`param.data` of the module's own parameters between host and device, while autograd keeps the frozen weight that
-F.linear saved for the backward (the device copy stays alive until then, or the backward reads the host copy); its
-prefetch order is the first forward's, with no backward order; and its block-level hooks run on the block's
-`__call__`, which a non-reentrant activation-checkpoint recompute bypasses. Nor accelerate's `cpu_offload`
-(synchronous, per module, the same saved-weight problem).
+`param.data` of the module's own parameters between host and device, but autograd keeps the tensor F.linear used,
+whatever `.data` says later (checked: a backward after the swap still reads the old values), so without activation
+checkpointing every block's device copy stays alive until the backward. With checkpointing, its block-level hooks
+run on the block's `__call__`, which the non-reentrant recompute bypasses (it calls the inner forward); its
+leaf-level hooks would run there, but copy layer by layer and prefetch in the first forward's order only, which the
+backward walks the other way. Nor accelerate's `cpu_offload` (synchronous, per module, the same saved tensors).
 
 Not with torch.compile: the streamer's stream and event calls inside a block would break each compiled graph at
 every layer; the trainer runs the blocks eager with this flag (train_text2image.py).
