@@ -6,12 +6,12 @@ What moves: the token-wise Linear weights of every block (the layers `--fp8_base
 parameters), in bf16 or, with `--fp8_base`, in fp8 with their scales. What stays on the GPU: the adapters, the
 adaLN modulation, norms, embeddings and the final layer (small).
 
-How (all of it here). Each block's frozen tensors are packed into one pinned host buffer, so a block is one host-to-
-device copy. `BlockStreamer` keeps at most two blocks on the device (three while the GPU finishes with a dropped
-one): the one running and the one it predicts next, copied on a side CUDA stream while the current one computes (an
-event orders the compute after the copy). The prediction: forward runs blocks 0..N-1; after the last, the backward
-runs N-1..0 (with activation checkpointing its recompute too: the recompute and the backward of a block share one
-copy). At the end of each backward all copies are dropped, so between steps nothing is held on the device.
+How (all of it here). Each block's frozen tensors are packed into one pinned host buffer, so a block is one
+host-to-device copy. `BlockStreamer` keeps at most two blocks on the device (three while the GPU finishes with a
+dropped one): the one running and the one it predicts next, copied on a side CUDA stream while the current one
+computes (an event orders the compute after the copy). The prediction: forward runs blocks 0..N-1; after the last,
+the backward runs N-1..0 (with activation checkpointing its recompute too: the recompute and the backward of a block
+share one copy). At the end of each backward all copies are dropped, so between steps nothing is held on the device.
 `OffloadedLinear`'s autograd function saves no weight: its backward asks the streamer for the block again. That is
 what makes offload work with or without activation checkpointing: autograd never holds a device copy.
 
