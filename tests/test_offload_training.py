@@ -145,3 +145,35 @@ def test_the_benchmark_runs_the_offloaded_variants(tmp_path):
     assert "bf16 base offloaded" in offloaded["variant"] and "fp8 base offloaded" in fp8_offloaded["variant"]
     assert offloaded["loss_vs_plain"] == "0.0e+00"  # the same math as the plain path
     assert fp8_offloaded["first_loss"] == fp8["first_loss"]  # and as --fp8_base alone
+
+
+def test_forwards_without_a_backward_in_between_give_the_plain_models_output():
+    """Validation samples with no_grad between training steps: the streamer's state after a forward without a
+    backward must not change what the next forward computes."""
+    blocks = 3
+    offloaded, streamer = _offloaded_tiny(blocks, fp8=False)
+    torch.manual_seed(0)
+    plain = random_transformer(dict(PRESETS["tiny"].transformer_config, num_layers=blocks), torch.float32, "cpu")
+    plain.add_adapter(lora_config(4, 4))
+    with torch.no_grad():
+        adapters = dict(offloaded.named_parameters())
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+                adapters[name].copy_(p)
+    generator = torch.Generator().manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(2, 16, 1, 8, 8, generator=generator), timestep=torch.tensor([0.3, 0.8]),
+                  encoder_hidden_states=torch.randn(2, 16, 32, generator=generator),
+                  padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False)
+    with torch.no_grad():
+        expected = plain(**inputs)[0]
+        for _ in range(2):
+            torch.testing.assert_close(offloaded(**inputs)[0], expected, rtol=0, atol=0)
+    assert len(streamer.resident) <= 1  # no prefetch for a backward that will not come
+    offloaded(**inputs)[0].square().mean().backward()
+    plain(**inputs)[0].square().mean().backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in offloaded.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=0, msg=name)
+    assert streamer.resident == {}
