@@ -35,6 +35,7 @@ every layer; the trainer runs the blocks eager with this flag (train_text2image.
 from __future__ import annotations
 
 import collections
+import os
 
 import torch
 from torch import nn
@@ -212,6 +213,21 @@ class BlockStreamer:
         return sum(self.packed[i].host.numel() for i in self.resident) if self.copies else 0
 
 
+def _pin_without_rounding(threshold_mb: int = 64) -> None:
+    """torch's pinned-memory allocator rounds every allocation up to a power of two: a 14B bf16 block (0.78 GB) would
+    pin 1 GB, 36 GB for 28 GB of weights. Above `pinned_max_round_threshold_mb` it pins the size asked. The setting
+    is process-wide; one the user gave (PYTORCH_ALLOC_CONF) is kept, and a PyTorch without it rounds."""
+    if "pinned_max_round_threshold_mb" in os.environ.get("PYTORCH_ALLOC_CONF", "") + \
+            os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        return
+    # The accelerator-generic call where this PyTorch has it (the CUDA one warns that it is deprecated there).
+    setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    try:
+        setting(f"pinned_max_round_threshold_mb:{threshold_mb}")
+    except (ValueError, RuntimeError):  # an older PyTorch: "Unrecognized key"
+        pass
+
+
 def offload_frozen_blocks(transformer, device, dtype: torch.dtype, fp8: bool = False,
                           copy_on_cpu: bool = False) -> BlockStreamer:
     """Replace every block's token-wise Linear (under its LoRA adapter) by an OffloadedLinear whose tensors are
@@ -221,6 +237,8 @@ def offload_frozen_blocks(transformer, device, dtype: torch.dtype, fp8: bool = F
     `transformer.frozen_streamer`)."""
     device = torch.device(device)
     pin = device.type == "cuda"
+    if pin:
+        _pin_without_rounding()
     packed, layers_per_block = [], []
 
     def offload(block) -> int:
