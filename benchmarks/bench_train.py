@@ -6,6 +6,7 @@ starts from the same seeded weights and inputs, so its first loss must match the
 
     python benchmarks/bench_train.py --model 2B --out results/train_2b.md
     python benchmarks/bench_train.py --model 14B --lora --out results/train_14b_lora.md
+    python benchmarks/bench_train.py --model 14B --lora --variants 11 --card_gib 16  # offloaded fp8 base, 16 GB
 
 The fp8 training variants need `pip install torchao` (not in requirements.txt: they measured slower, BENCHMARKS.md).
 """
