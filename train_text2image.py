@@ -68,7 +68,7 @@ def parse_args(argv=None):
     model.add_argument("--offload_frozen", action="store_true", help="With --lora: keep the frozen base's block "
                        "Linear weights (bf16, or fp8 with --fp8_base) in pinned host memory and stream them to the GPU "
                        "block by block, the next block's copy overlapped with compute: for 12-16 GB cards. Same "
-                       "math; the blocks run eager (not with --compile).")
+                       "math.")
     model.add_argument("--random_init", action="store_true", help="Random weights of the model's architecture "
                        "instead of its trained ones: nothing to download for 2B/14B (benchmarks, tests).")
 
@@ -183,9 +183,6 @@ def parse_args(argv=None):
     if args.offload_frozen and not args.lora:
         raise BadValue("--offload_frozen streams the frozen base of a LoRA run from host memory: add --lora (a full "
                        "fine-tune trains every weight: it has no frozen base).")
-    if args.offload_frozen and args.compile:
-        raise BadValue("--offload_frozen runs the transformer blocks eager (its streaming would break every compiled "
-                       "graph at each layer): drop --compile.")
     if args.lora:  # NVIDIA's LoRA shape for every model, preset or not
         args.rank = LORA_RANK if args.rank is None else args.rank
         args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
@@ -207,7 +204,7 @@ def parse_args(argv=None):
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = 2 if torch.cuda.is_available() else 0
     if args.compile is None:
-        args.compile = torch.cuda.is_available() and not args.offload_frozen
+        args.compile = torch.cuda.is_available()
     if not 0.0 < args.activation_memory_budget <= 1.0:
         raise BadValue(f"--activation_memory_budget {args.activation_memory_budget}: expected a fraction in (0, 1].")
     if args.activation_memory_budget < 1.0 and not args.compile:

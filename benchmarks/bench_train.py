@@ -6,7 +6,7 @@ starts from the same seeded weights and inputs, so its first loss must match the
 
     python benchmarks/bench_train.py --model 2B --out results/train_2b.md
     python benchmarks/bench_train.py --model 14B --lora --out results/train_14b_lora.md
-    python benchmarks/bench_train.py --model 14B --lora --variants 11 --card_gib 16  # offloaded fp8 base, 16 GB
+    python benchmarks/bench_train.py --model 14B --lora --variants 13 --card_gib 16  # offloaded fp8 base, 16 GB
 
 The fp8 training variants need `pip install torchao` (not in requirements.txt: they measured slower, BENCHMARKS.md).
 """
@@ -94,13 +94,17 @@ LORA_VARIANTS = [
     Variant("compiled, ckpt 1/2 of blocks, fp8 base", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.5,
             fp8_base=True),
     Variant("compiled, no ckpt, fp8 base", 1, compile=True, fused_adamw=True, fp8_base=True),
-    # --offload_frozen runs the blocks eager (offload.py says why): compare with 0 (bf16) and 5 (fp8 base).
+    # --offload_frozen: the same math as the variant named in each comment, with the frozen block weights streamed.
     Variant("eager, full ckpt, bf16 base offloaded", 1, fused_adamw=True, checkpoint_fraction=1.0,
-            offload_frozen=True),
+            offload_frozen=True),  # 0
     Variant("eager, full ckpt, fp8 base offloaded", 1, fused_adamw=True, checkpoint_fraction=1.0, fp8_base=True,
-            offload_frozen=True),
-    Variant("eager, ckpt 1/2 of blocks, fp8 base offloaded", 1, fused_adamw=True, checkpoint_fraction=0.5,
-            fp8_base=True, offload_frozen=True),
+            offload_frozen=True),  # 5
+    Variant("compiled, full ckpt, bf16 base offloaded", 1, compile=True, fused_adamw=True, checkpoint_fraction=1.0,
+            offload_frozen=True),  # 1
+    Variant("compiled, full ckpt, fp8 base offloaded", 1, compile=True, fused_adamw=True, checkpoint_fraction=1.0,
+            fp8_base=True, offload_frozen=True),  # 6
+    Variant("compiled, ckpt 1/2 of blocks, fp8 base offloaded", 1, compile=True, fused_adamw=True,
+            checkpoint_fraction=0.5, fp8_base=True, offload_frozen=True),  # 8
 ]
 
 

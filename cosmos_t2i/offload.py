@@ -28,14 +28,17 @@ run on the block's `__call__`, which the non-reentrant recompute bypasses (it ca
 leaf-level hooks would run there, but copy layer by layer and prefetch in the first forward's order only, which the
 backward walks the other way. Nor accelerate's `cpu_offload` (synchronous, per module, the same saved tensors).
 
-Not with torch.compile: the streamer's stream and event calls inside a block would break each compiled graph at
-every layer; the trainer runs the blocks eager with this flag (train_text2image.py).
+With torch.compile (speed.compile_transformer_blocks): the layer's matmul and its input gradient are custom ops,
+opaque calls inside each block's compiled graph that run the streamer when the graph runs (the streamer itself,
+Python with streams and events, cannot be traced). One graph serves every block, as without offload.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -46,19 +49,52 @@ from .fp8_base import Float8StoredLinear, dequantize
 _ALIGN = 64  # bytes: every packed tensor starts aligned for any dtype view
 
 
-class _LinearOnStreamedWeight(torch.autograd.Function):
-    """x @ W^T + b where W is `layer`'s device copy, with the gradient for x only (W and b are frozen). Nothing of
-    W is saved: the backward fetches it again through the streamer, so autograd holds no device copy."""
+# Each OffloadedLinear by number, for the custom ops below (weakly: a model that goes frees its host buffers).
+_LAYERS: weakref.WeakValueDictionary[int, OffloadedLinear] = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
 
-    @staticmethod
-    def forward(ctx, x, layer, weight, bias):
-        ctx.layer = layer
-        return nn.functional.linear(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, _ = ctx.layer.device_weights(grad_out.dtype)
-        return grad_out @ weight, None, None, None
+# The streamer's work (copies on a side stream, events, dropping blocks) is Python with side effects, which dynamo
+# cannot trace into a block's graph; as custom ops, the two matmuls are opaque calls inside the compiled graph, which
+# run the streamer eagerly when the graph runs. The layer comes as a number in a CPU tensor, a graph input like the
+# activations: as a Python int, dynamo would specialise every block's graph on its layers' numbers and recompile it
+# for each block.
+@torch.library.custom_op("cosmos_t2i::streamed_linear", mutates_args=())
+def _streamed_linear(x: torch.Tensor, number: torch.Tensor, out_features: int, backward_follows: bool) -> torch.Tensor:
+    weight, bias = _LAYERS[int(number)].device_weights(x.dtype, backward_follows)
+    return nn.functional.linear(x, weight, bias)
+
+
+@_streamed_linear.register_fake
+def _(x, number, out_features, backward_follows):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("cosmos_t2i::streamed_linear_input_grad", mutates_args=())
+def _streamed_linear_input_grad(grad_out: torch.Tensor, number: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The gradient for x only (W and b are frozen). Nothing of W was saved: it is fetched again through the
+    streamer, so autograd holds no device copy."""
+    weight, _ = _LAYERS[int(number)].device_weights(grad_out.dtype, backward_follows=False)
+    return grad_out @ weight
+
+
+@_streamed_linear_input_grad.register_fake
+def _(grad_out, number, in_features):
+    return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+
+def _setup_context(ctx, inputs, output):
+    x, number, _, _ = inputs
+    ctx.save_for_backward(number)
+    ctx.in_features = x.shape[-1]
+
+
+def _backward(ctx, grad_out):
+    (number,) = ctx.saved_tensors
+    return _streamed_linear_input_grad(grad_out, number, ctx.in_features), None, None, None
+
+
+_streamed_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 class OffloadedLinear(nn.Module):
@@ -71,6 +107,10 @@ class OffloadedLinear(nn.Module):
         self.in_features, self.out_features, self.dtype = layer.in_features, layer.out_features, dtype
         self.fp8 = isinstance(layer, Float8StoredLinear)
         self.streamer, self.block, self.slot = None, None, None  # set by BlockStreamer
+        number = next(_NUMBERS)
+        _LAYERS[number] = self
+        # A plain attribute, not a buffer: `.to(device)` leaves it on the CPU, where reading it costs no sync.
+        self.number = torch.tensor(number)
 
     @staticmethod
     def host_tensors(layer: nn.Module) -> list[torch.Tensor | None]:
@@ -79,15 +119,14 @@ class OffloadedLinear(nn.Module):
             return [layer.weight_fp8, layer.weight_scale, layer.bias]
         return [layer.weight.detach(), None, None if layer.bias is None else layer.bias.detach()]
 
-    def device_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight, scale, bias = self.streamer.tensors(self)
+    def device_weights(self, dtype: torch.dtype, backward_follows: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, scale, bias = self.streamer.tensors(self, backward_follows)
         weight = dequantize(weight, scale, dtype) if self.fp8 else weight.to(dtype)
         return weight, None if bias is None else bias.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        weight, bias = self.device_weights(x.dtype)
-        return _LinearOnStreamedWeight.apply(x, self, weight, bias)
+        # Inside the op autograd is off; whether a backward will come is the caller's grad mode.
+        return _streamed_linear(x.to(self.dtype), self.number, self.out_features, torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         storage = "fp8 e4m3" if self.fp8 else str(self.dtype)
@@ -141,7 +180,7 @@ class BlockStreamer:
         self._dropped: collections.deque[torch.cuda.Event] = collections.deque()
         self.fetches = 0  # copies made (tests)
 
-    def tensors(self, layer: OffloadedLinear) -> list[torch.Tensor | None]:
+    def tensors(self, layer: OffloadedLinear, backward_follows: bool) -> list[torch.Tensor | None]:
         # Inside a backward (the engine's graph task id is set, also for a checkpoint's recompute): run `release`
         # once this backward has finished, as FSDP does, so that nothing stays on the device between steps.
         in_backward = torch._C._current_graph_task_id() != -1
@@ -149,10 +188,10 @@ class BlockStreamer:
             torch.autograd.Variable._execution_engine.queue_callback(self.release)
             self._release_queued = True
         if layer.block != self.current:
-            self._enter(layer.block, in_backward)
+            self._enter(layer.block, in_backward, backward_follows)
         return self.resident[layer.block][0][layer.slot]
 
-    def _enter(self, index: int, in_backward: bool) -> None:
+    def _enter(self, index: int, in_backward: bool, backward_follows: bool) -> None:
         if index not in self.resident:
             self.resident[index] = self._fetch(index)
         tensors, event = self.resident[index]
@@ -166,7 +205,7 @@ class BlockStreamer:
         elif index < last:
             following = index + 1
         else:  # the forward's last block: the backward comes next, from the end (none without grad)
-            following = index - 1 if torch.is_grad_enabled() and index > 0 else None
+            following = index - 1 if backward_follows and index > 0 else None
         self._drop([i for i in self.resident if i not in (index, following)])
         if following is not None and following not in self.resident:
             self.resident[following] = self._fetch(following)

@@ -77,14 +77,9 @@ def test_a_resume_may_turn_offload_on(dataset, tmp_path):
         torch.testing.assert_close(_adapter(resumed)[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_offload_needs_lora_and_eager_blocks():
+def test_offload_needs_lora():
     with pytest.raises(ValueError, match="--offload_frozen .* add --lora"):
         train_text2image.parse_args(["--model", "tiny", "--offload_frozen", "--dataset_dir", "x"])
-    with pytest.raises(ValueError, match="--offload_frozen runs the transformer blocks eager.*drop --compile"):
-        train_text2image.parse_args(["--model", "tiny", "--lora", "--offload_frozen", "--compile",
-                                     "--dataset_dir", "x"])
-    args = train_text2image.parse_args(["--model", "tiny", "--lora", "--offload_frozen", "--dataset_dir", "x"])
-    assert args.compile is False  # the default (compiled on a GPU) gives way to the flag
 
 
 def _offloaded_tiny(blocks: int, fp8: bool = False):
@@ -100,14 +95,19 @@ def _offloaded_tiny(blocks: int, fp8: bool = False):
 
 
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["no_checkpointing", "checkpointed"])
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_nothing_stays_on_the_device_and_autograd_holds_no_copy(checkpointed, fp8, monkeypatch):
+@pytest.mark.parametrize("fp8,compiled", [(False, False), (True, False), (False, True)],
+                         ids=["bf16", "fp8", "bf16_compiled"])
+def test_nothing_stays_on_the_device_and_autograd_holds_no_copy(checkpointed, fp8, compiled, monkeypatch):
     blocks = 4
     model, streamer = _offloaded_tiny(blocks, fp8)
     assert not [n for n, _ in model.transformer_blocks.named_parameters() if "lora_" not in n and "norm" not in n]
     assert isinstance(model.transformer_blocks[0].attn1.to_q.base_layer, offload.OffloadedLinear)
     if checkpointed:
         speed.checkpoint_blocks(model, 1.0)
+    if compiled:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        speed.compile_transformer_blocks(model)
     copies = []  # (block, weak reference) of every device tensor the streamer made
     fetch = streamer._fetch
 
@@ -133,6 +133,9 @@ def test_nothing_stays_on_the_device_and_autograd_holds_no_copy(checkpointed, fp
     # except the two held across the turn: every copy was the one predicted, none made twice.
     assert streamer.fetches == 2 * blocks - 2
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if compiled:  # the streamer ran inside the compiled graphs, which the blocks share (not one graph per block)
+        assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] < blocks
+        assert not torch._dynamo.utils.counters["graph_break"]
 
 
 def test_the_benchmark_runs_the_offloaded_variants(tmp_path):
@@ -147,11 +150,17 @@ def test_the_benchmark_runs_the_offloaded_variants(tmp_path):
     assert fp8_offloaded["first_loss"] == fp8["first_loss"]  # and as --fp8_base alone
 
 
-def test_forwards_without_a_backward_in_between_give_the_plain_models_output():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_forwards_without_a_backward_in_between_give_the_plain_models_output(compiled):
     """Validation samples with no_grad between training steps: the streamer's state after a forward without a
-    backward must not change what the next forward computes."""
+    backward must not change what the next forward computes. Eager, the same ops in the same order: equal bit for
+    bit; compiled, inductor may sum in another order (float32 rounding)."""
+    tolerance = dict(rtol=1e-5, atol=1e-6) if compiled else dict(rtol=0, atol=0)
     blocks = 3
     offloaded, streamer = _offloaded_tiny(blocks, fp8=False)
+    if compiled:
+        torch._dynamo.reset()
+        speed.compile_transformer_blocks(offloaded)
     torch.manual_seed(0)
     plain = random_transformer(dict(PRESETS["tiny"].transformer_config, num_layers=blocks), torch.float32, "cpu")
     plain.add_adapter(lora_config(4, 4))
@@ -168,12 +177,12 @@ def test_forwards_without_a_backward_in_between_give_the_plain_models_output():
     with torch.no_grad():
         expected = plain(**inputs)[0]
         for _ in range(2):
-            torch.testing.assert_close(offloaded(**inputs)[0], expected, rtol=0, atol=0)
+            torch.testing.assert_close(offloaded(**inputs)[0], expected, **tolerance)
     assert len(streamer.resident) <= 1  # no prefetch for a backward that will not come
     offloaded(**inputs)[0].square().mean().backward()
     plain(**inputs)[0].square().mean().backward()
     grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
     for name, p in offloaded.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(p.grad, grads[name], **tolerance, msg=name)
     assert streamer.resident == {}
