@@ -12,8 +12,9 @@ dropped one): the one running and the one it predicts next, copied on a side CUD
 computes (an event orders the compute after the copy). The prediction: forward runs blocks 0..N-1; after the last,
 the backward runs N-1..0 (with activation checkpointing its recompute too: the recompute and the backward of a block
 share one copy). At the end of each backward all copies are dropped, so between steps nothing is held on the device.
-`OffloadedLinear`'s autograd function saves no weight: its backward asks the streamer for the block again. That is
-what makes offload work with or without activation checkpointing: autograd never holds a device copy.
+`OffloadedLinear`'s matmul saves no weight for the backward (it saves the layer's number): its input gradient asks
+the streamer for the block again. That is what makes offload work with or without activation checkpointing:
+autograd never holds a device copy.
 
 Overlapped: every block's copy but the first of each step (block 0, fetched when the step's forward starts, while
 nothing else runs on the GPU). Not overlapped either: the dequantisation of fp8 weights (on the compute stream, as
