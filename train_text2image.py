@@ -65,6 +65,10 @@ def parse_args(argv=None):
                        "weights in float8 e4m3 with one scale per output channel, dequantised layer by layer: about "
                        "half the weight memory (14B: 28 -> 14 GB) for a small accuracy cost measured in BENCHMARKS.md. "
                        "The saved LoRA is an ordinary one for the bf16 base.")
+    model.add_argument("--offload_frozen", action="store_true", help="With --lora: keep the frozen base's block "
+                       "Linear weights (bf16, or fp8 with --fp8_base) in pinned host memory and stream them to the GPU "
+                       "block by block, the next block's copy overlapped with compute: for 12-16 GB cards. Same "
+                       "math.")
     model.add_argument("--random_init", action="store_true", help="Random weights of the model's architecture "
                        "instead of its trained ones: nothing to download for 2B/14B (benchmarks, tests).")
 
@@ -176,6 +180,9 @@ def parse_args(argv=None):
     if args.fp8_base and not args.lora:
         raise BadValue("--fp8_base stores the frozen base of a LoRA run in fp8: add --lora (a full "
                        "fine-tune trains every weight, and keeps fp32 master weights).")
+    if args.offload_frozen and not args.lora:
+        raise BadValue("--offload_frozen streams the frozen base of a LoRA run from host memory: add --lora (a full "
+                       "fine-tune trains every weight: it has no frozen base).")
     if args.lora:  # NVIDIA's LoRA shape for every model, preset or not
         args.rank = LORA_RANK if args.rank is None else args.rank
         args.lora_alpha = LORA_ALPHA if args.lora_alpha is None else args.lora_alpha
@@ -268,6 +275,9 @@ def _train(args):
         logger.warning("DeepSpeed ZeRO-3: the transformer blocks run eager (compiled, they recompile per block). "
                        "The FSDP2 config (accelerate_configs/fsdp2_8gpu.yaml) compiles them.")
         args.compile = False
+    if args.offload_frozen and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise BadValue("--offload_frozen streams each GPU's own copy of the frozen base: launch a single process or "
+                       "DDP (accelerate_configs/single_gpu.yaml, ddp_8gpu.yaml), not FSDP or DeepSpeed.")
 
     # The data as a resume compares it: by content (read by the main process only), not by its path's text.
     fingerprint = broadcast_object_list([content_fingerprint(args.dataset_dir) if args.dataset_dir

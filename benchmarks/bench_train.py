@@ -6,6 +6,7 @@ starts from the same seeded weights and inputs, so its first loss must match the
 
     python benchmarks/bench_train.py --model 2B --out results/train_2b.md
     python benchmarks/bench_train.py --model 14B --lora --out results/train_14b_lora.md
+    python benchmarks/bench_train.py --model 14B --lora --variants 13 --card_gib 16  # offloaded fp8 base, 16 GB
 
 The fp8 training variants need `pip install torchao` (not in requirements.txt: they measured slower, BENCHMARKS.md).
 """
@@ -46,6 +47,7 @@ class Variant:
     multi_kernel: bool = False  # inductor also builds single-pass (persistent) versions of long-row reductions
     clip_in_adamw: bool = False  # speed.clip_grad_norm_in_fused_adamw instead of clip_grad_norm_
     fp8_base: bool = False  # LoRA: the frozen base's block Linear weights stored in fp8 (--fp8_base): changes numbers
+    offload_frozen: bool = False  # LoRA: the frozen block weights in pinned host memory, streamed (--offload_frozen)
 
 
 # PyTorch 2.11 already runs this model's attention on cuDNN's kernel on an H100 (profiled), so the attention
@@ -92,6 +94,17 @@ LORA_VARIANTS = [
     Variant("compiled, ckpt 1/2 of blocks, fp8 base", 1, compile=True, fused_adamw=True, checkpoint_fraction=0.5,
             fp8_base=True),
     Variant("compiled, no ckpt, fp8 base", 1, compile=True, fused_adamw=True, fp8_base=True),
+    # --offload_frozen: the same math as the variant named in each comment, with the frozen block weights streamed.
+    Variant("eager, full ckpt, bf16 base offloaded", 1, fused_adamw=True, checkpoint_fraction=1.0,
+            offload_frozen=True),  # 0
+    Variant("eager, full ckpt, fp8 base offloaded", 1, fused_adamw=True, checkpoint_fraction=1.0, fp8_base=True,
+            offload_frozen=True),  # 5
+    Variant("compiled, full ckpt, bf16 base offloaded", 1, compile=True, fused_adamw=True, checkpoint_fraction=1.0,
+            offload_frozen=True),  # 1
+    Variant("compiled, full ckpt, fp8 base offloaded", 1, compile=True, fused_adamw=True, checkpoint_fraction=1.0,
+            fp8_base=True, offload_frozen=True),  # 6
+    Variant("compiled, ckpt 1/2 of blocks, fp8 base offloaded", 1, compile=True, fused_adamw=True,
+            checkpoint_fraction=0.5, fp8_base=True, offload_frozen=True),  # 8
 ]
 
 
@@ -116,10 +129,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_transformer(model: str, lora: bool, device, fp8_base: bool = False):
+def build_transformer(model: str, lora: bool, device, fp8_base: bool = False, offload_frozen: bool = False):
     """The training script's own model builder, with random weights of the real architecture."""
     torch.manual_seed(0)
-    method = LoraFineTune(16, 16, torch.bfloat16, fp8_base) if lora else FullFineTune()
+    method = LoraFineTune(16, 16, torch.bfloat16, fp8_base, offload_frozen) if lora else FullFineTune()
     transformer = method.build(model, PRESETS[model].transformer_config, random_init=True, device=device)
     return transformer, [p for p in transformer.parameters() if p.requires_grad]
 
@@ -128,7 +141,7 @@ def run_variant(args, variant: Variant, device) -> dict:
     if device.type == "cuda":  # before anything is allocated: the setting applies to new segments
         torch.cuda.memory._set_allocator_settings(f"expandable_segments:{variant.expandable_segments}")
         torch.cuda.set_per_process_memory_fraction(1.0)  # the build is not the emulated card's (--card_gib)
-    transformer, params = build_transformer(args.model, args.lora, device, variant.fp8_base)
+    transformer, params = build_transformer(args.model, args.lora, device, variant.fp8_base, variant.offload_frozen)
     transformer.train()
     limit_memory(args.card_gib, device)  # the card's limit applies to training, not to the build
     recompute = 0.0

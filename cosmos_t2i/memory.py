@@ -44,6 +44,9 @@ def training_advice(args) -> list[str]:
                                                     if args.gradient_checkpointing else ""))
     if args.lora and not args.fp8_base:
         advice.append("--fp8_base (the frozen base's Linear weights in fp8: about half the weight memory)")
+    if args.lora and not args.offload_frozen:
+        advice.append("--offload_frozen (the frozen block weights stay in host memory and stream to the GPU block by "
+                      "block)")
     if not args.lora:
         advice.append("--lora --fp8_base (adapters on a frozen fp8 base instead of the whole transformer in fp32 "
                       "with AdamW and EMA), or more GPUs with accelerate_configs/fsdp2_8gpu.yaml")

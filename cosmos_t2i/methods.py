@@ -27,6 +27,7 @@ from .checkpoint import EMA, MODEL
 from .ema import PowerEMA
 from .fp8_base import store_blocks_in_fp8
 from .host_copy import HostCopier
+from .offload import offload_frozen_blocks
 from .lora import lora_config, lora_layers, lora_metadata, read_lora, write_lora_layers
 from .models import Preset, dtype_named, load_base_transformer, random_transformer
 
@@ -138,8 +139,10 @@ The EMA weights are in `ema/` (same format, `subfolder="ema"`)."""
 class LoraFineTune(_Method):
     name, label, frozen_base = "lora", "LoRA", True
 
-    def __init__(self, rank: int, alpha: int, frozen_dtype: torch.dtype = torch.bfloat16, fp8_base: bool = False):
+    def __init__(self, rank: int, alpha: int, frozen_dtype: torch.dtype = torch.bfloat16, fp8_base: bool = False,
+                 offload_frozen: bool = False):
         self.rank, self.alpha, self.frozen_dtype, self.fp8_base = rank, alpha, frozen_dtype, fp8_base
+        self.offload_frozen = offload_frozen
 
     def default_learning_rate(self, preset: Preset) -> float:
         return preset.lora_learning_rate
@@ -152,9 +155,11 @@ class LoraFineTune(_Method):
         """The frozen base in `frozen_dtype` (its blocks' Linear weights in fp8 with `fp8_base`) with fp32 adapters
         (B = 0), resumed from `checkpoint` when given. Every process loads the base itself (it is small next to a
         full fine-tune's fp32 state). An fp8 base is built on the CPU and moved to `device` block by block as it is
-        quantized, so the GPU never holds it in bf16."""
+        quantized, so the GPU never holds it in bf16. With `offload_frozen` the blocks' frozen Linear weights stay in
+        host memory and stream to `device` block by block (offload.py)."""
+        on_cpu = self.fp8_base or self.offload_frozen
         if random_init:
-            transformer = random_transformer(config, self.frozen_dtype, "cpu" if self.fp8_base else device)
+            transformer = random_transformer(config, self.frozen_dtype, "cpu" if on_cpu else device)
         else:
             transformer = load_base_transformer(model, self.frozen_dtype)
         transformer.requires_grad_(False)
@@ -162,7 +167,9 @@ class LoraFineTune(_Method):
         for p in transformer.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        if self.fp8_base:
+        if self.offload_frozen:
+            offload_frozen_blocks(transformer, device, self.frozen_dtype, fp8=self.fp8_base)
+        elif self.fp8_base:
             store_blocks_in_fp8(transformer, device, self.frozen_dtype)
         if checkpoint is not None:
             _load_trainable(transformer, self.read(checkpoint / MODEL))
@@ -198,11 +205,12 @@ The EMA of the adapter is in `ema/` (same format, `subfolder="ema"`)."""
 
 
 def training_method(args) -> FullFineTune | LoraFineTune:
-    """The method the trainer's flags ask for (`--lora`, `--rank`, `--lora_alpha`, `--fp8_base`; the base in the
-    compute dtype)."""
+    """The method the trainer's flags ask for (`--lora`, `--rank`, `--lora_alpha`, `--fp8_base`, `--offload_frozen`;
+    the base in the compute dtype)."""
     if not args.lora:
         return FullFineTune()
-    return LoraFineTune(args.rank, args.lora_alpha, dtype_named(args.mixed_precision), args.fp8_base)
+    return LoraFineTune(args.rank, args.lora_alpha, dtype_named(args.mixed_precision), args.fp8_base,
+                        args.offload_frozen)
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ MAY_DIFFER_ON_RESUME = {
     "validation_prompt", "validation_steps", "validation_num_inference_steps", "validation_guidance_scale",
     "validation_aspect_ratio", "push_to_hub", "hub_model_id", "dataloader_num_workers", "max_nonfinite_steps",
     "compile", "attention_backend", "gradient_checkpointing", "tracker_project_name", "distributed_timeout",
+    # Where the frozen base is kept (host or GPU) changes no number: the same weights reach the same matmuls.
+    "offload_frozen",
     "validation_metrics", "validation_dino_model", "validation_clip_model",
     "async_save", "verify_checksums", "debug",
     # The data is compared by its content (dataset_fingerprint), not by the text of its path: `ds`, `ds/` and a

@@ -27,15 +27,15 @@ def test_out_of_memory_in_training_names_the_flags_that_lower_memory(dataset, tm
               "--dataloader_num_workers", "0", "--mixed_precision", "no")
     message = str(error.value)
     assert message.startswith("out of GPU memory while training")
-    flags = ["--train_batch_size", "--gradient_checkpointing", "--fp8_base"]
+    flags = ["--train_batch_size", "--gradient_checkpointing", "--fp8_base", "--offload_frozen"]
     positions = [message.index(flag) for flag in flags]
     assert positions == sorted(positions)  # cheapest first
     assert error.value.exit_code == 2
 
 
 def test_the_advice_leaves_out_what_the_run_already_uses():
-    args = train_text2image.parse_args(["--model", "tiny", "--lora", "--fp8_base", "--gradient_checkpointing",
-                                        "--dataset_dir", "x"])
+    args = train_text2image.parse_args(["--model", "tiny", "--lora", "--fp8_base", "--offload_frozen",
+                                        "--gradient_checkpointing", "--dataset_dir", "x"])
     assert memory.training_advice(args) == []
     assert "use a GPU with more memory" in memory.out_of_memory_message("cpu", [], "training")
     full = train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x"])
