@@ -1,7 +1,7 @@
 """Seconds per evaluation candidate: evaluate_text2image.py itself, on full-size models with random weights.
 
 Builds, once, stand-ins of the real shapes with random weights (nothing can be downloaded): a 2B (or 14B) pipeline
-folder (the preset's transformer, T5-XXL's encoder, Wan 2.1's VAE, the tiny tokenizer), DINO ViT-S/16 and CLIP
+folder (the preset's transformer, T5-11B's encoder, Wan 2.1's VAE, the tiny tokenizer), DINO ViT-S/16 and CLIP
 ViT-L/14 at 224 pixels, and a folder of reference images. Then runs the real command on them, the base model as
 the one candidate, DreamBooth's 25 subject prompts x --num_images_per_prompt seeds, and times it whole. The numbers
 of the metrics mean nothing here; the time does.
@@ -25,8 +25,8 @@ from cosmos_t2i import evaluation as ev  # noqa: E402
 from cosmos_t2i import fidelity, tiny_pipeline  # noqa: E402
 from cosmos_t2i.models import PRESETS  # noqa: E402
 
-# google-t5/t5-v1_1-xxl's encoder, as Cosmos-Predict2 ships it.
-T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+# The T5 encoder Cosmos-Predict2 ships (google-t5/t5-11b's: 1024 wide, the transformer's text_embed_dim).
+T5_11B = dict(d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128, feed_forward_proj="relu",
               relative_attention_num_buckets=32)
 DINO_VITS16 = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
                    image_size=224, patch_size=16)
@@ -62,7 +62,7 @@ def build_stand_ins(model: str, work_dir: Path) -> dict[str, Path]:
         if tiny:
             tiny_pipeline.build_tiny_pipeline(paths["pipeline"])
         else:
-            tiny_pipeline.build_random_pipeline(paths["pipeline"], PRESETS[model].transformer_config, {}, T5_XXL,
+            tiny_pipeline.build_random_pipeline(paths["pipeline"], PRESETS[model].transformer_config, {}, T5_11B,
                                                 device=device, dtype=torch.bfloat16)
     if not (paths["dino"] / "config.json").is_file():
         fidelity.build_random_dino(paths["dino"], fidelity.TINY_DINO_SHAPE if tiny else DINO_VITS16)
