@@ -39,7 +39,8 @@ class PowerEMA:
                              1.0 - self.beta(iteration))
 
     def full_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        """Unsharded fp32 CPU tensors where `keep` (the main process); every process must call this."""
+        """Unsharded fp32 tensors where `keep` (the main process); every process must call this. Unsharded, they
+        are the live shadow tensors (gather_full): a checkpoint's copier copies them."""
         return gather_full(self.shadow, keep)
 
     @torch.no_grad()
@@ -52,18 +53,24 @@ class PowerEMA:
 
 
 def gather_full(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """Whole CPU copies of possibly sharded (DTensor) tensors, kept only where `keep`.
+    """Whole tensors of possibly sharded (DTensor) ones, kept only where `keep`.
 
-    Each tensor is gathered on its own (one collective per tensor, never the whole model at once), so under FSDP
-    every process must call this.
+    A sharded tensor is gathered on its own (one collective per tensor, never the whole model at once, so under FSDP
+    every process must call this) and moved to the CPU at once, so the GPU never holds the whole model. An unsharded
+    one is returned as it is, live: a checkpoint save copies what it holds (host_copy.py: into pinned buffers,
+    asynchronously, for a background save). A `.cpu()` here was a synchronous copy into fresh pageable memory,
+    most of a background save's stop on the H200 (2B's EMA: 7.8 GB).
     """
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, t in tensors.items():
-        full = t.full_tensor() if isinstance(t, DTensor) else t
-        if keep:
-            out[name] = full.detach().cpu()
+        if isinstance(t, DTensor):
+            full = t.full_tensor()
+            if keep:
+                out[name] = full.detach().cpu()
+        elif keep:
+            out[name] = t.detach()
     return out
 
 
