@@ -48,14 +48,9 @@ def lora_config(rank: int = 16, alpha: int = 16) -> LoraConfig:
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=TARGET_MODULES)
 
 
-def save_lora(directory: str | Path, transformer, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write the adapter weights found in `state_dict` (named like `transformer`'s own parameters)."""
-    write_lora_layers(directory, lora_layers(transformer, state_dict), lora_metadata(transformer))
-
-
 def lora_layers(transformer, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `state_dict`, under the names our file uses (save_lora in two parts: a background
-    checkpoint save takes these now and writes them later)."""
+    """The adapter tensors of `state_dict`, under the names our file uses: a checkpoint save takes these at the save
+    step and writes them (write_lora_layers) then or, in the background, later."""
     return get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER_NAME)
 
 

@@ -26,7 +26,6 @@ from safetensors import safe_open
 from .checkpoint import EMA, MODEL
 from .ema import PowerEMA
 from .fp8_base import store_blocks_in_fp8
-from .host_copy import HostCopier
 from .offload import offload_frozen_blocks
 from .lora import lora_config, lora_layers, lora_metadata, read_lora, write_lora_layers
 from .models import Preset, dtype_named, load_base_transformer, random_transformer
@@ -41,14 +40,6 @@ class _Method:
     label: str  # for people
     frozen_base: bool  # whether the weights that read the inputs are frozen ones, stored in the compute dtype
 
-    def save_weights(self, accelerator, transformer, ema: PowerEMA | None, directory: Path) -> None:
-        """model/ (and model/ema/) of a checkpoint; every process calls this, the main process writes."""
-        copier = HostCopier(reuse=False)  # copies nothing: written before training goes on
-        copier.begin([])
-        write = self.snapshot_weights(accelerator, transformer, ema, copier)
-        if write is not None:
-            write(directory)
-
     def snapshot_weights(self, accelerator, transformer, ema: PowerEMA | None, copier):
         """Capture model/ (and model/ema/) now; every process calls this. On the main process, returns the function
         that writes them into a directory, from `copier`'s host copies (a background save runs it in a thread
@@ -58,7 +49,7 @@ class _Method:
         if not accelerator.is_main_process:
             return None
         if ema is not None:
-            copier.also_live(ema.shadow.values())  # on a CPU run, the gathered EMA is the live one
+            copier.also_live(ema.shadow.values())  # unsharded, ema_state holds the live tensors: copy them
         unwrapped = accelerator.unwrap_model(transformer)
         model_part = copier(self.to_write(unwrapped, state_dict), MODEL)
         ema_part = copier(self.to_write(unwrapped, {**state_dict, **ema_state}), f"{MODEL}/{EMA}") \

@@ -2,11 +2,13 @@
 
 Full fine-tune: lr = preset.learning_rate x a factor going linearly from preset.lr_start_factor to 0 over max_iter
 (NVIDIA's LambdaLinearScheduler with no warm-up: peak 5.19e-6 for 2B, 1.73e-5 for 14B).
-LoRA: the same linear decay to 0, from preset.lora_learning_rate (1e-4 for 2B/14B) at factor 1. NVIDIA's full fine-tune peak
-moves a B=0-initialised adapter so little in 1000 steps that it learns almost nothing.
+LoRA: the same linear decay to 0, from preset.lora_learning_rate (1e-4 for 2B/14B) at factor 1. NVIDIA's full
+fine-tune peak moves a B=0-initialised adapter so little in 1000 steps that it learns almost nothing.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from .checkpoint import optimizer_layout
 from .models import Preset
@@ -70,16 +72,14 @@ def reschedule(scheduler, iteration: int) -> None:
 def config_differences(saved: dict, current: dict) -> list[str]:
     keys = (saved.keys() | current.keys()) - MAY_DIFFER_ON_RESUME - ADAPTED_ON_RESUME
     if "dataset_fingerprint" not in saved:  # saved before datasets had fingerprints: compare where they are
-        keys = (keys - {"dataset_fingerprint"}) | ({"dataset_dir"} if _same_path(saved, current) is False else set())
+        keys.discard("dataset_fingerprint")
+        if _other_folder(saved.get("dataset_dir"), current.get("dataset_dir")):
+            keys.add("dataset_dir")
     return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
-def _same_path(saved: dict, current: dict) -> bool | None:
-    from pathlib import Path
-
-    if saved.get("dataset_dir") is None or current.get("dataset_dir") is None:
-        return None
-    return Path(saved["dataset_dir"]).resolve() == Path(current["dataset_dir"]).resolve()
+def _other_folder(saved: str | None, current: str | None) -> bool:
+    return saved is not None and current is not None and Path(saved).resolve() != Path(current).resolve()
 
 
 def effective_batch(config: dict) -> int:
