@@ -24,7 +24,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -44,7 +43,8 @@ from cosmos_t2i.recipe import (LORA_ALPHA, LORA_RANK, apply_defaults, config_dif
 from cosmos_t2i.methods import training_method
 from cosmos_t2i.dataset_format import content_fingerprint
 from cosmos_t2i.stopping import StopOnSignal, exit_code, stop_requested_before_start
-from cosmos_t2i.training_data import EmbeddedImages, SyntheticLatents, global_batch, make_dataloader, resumed_position
+from cosmos_t2i.training_data import (EmbeddedImages, SyntheticLatents, derived_seed, global_batch, make_dataloader,
+                                      resumed_position)
 from cosmos_t2i.vae_latents import encode_normalized
 from cosmos_t2i.fidelity import default_metric_models
 from cosmos_t2i.text_encoding import encode_prompts
@@ -403,7 +403,9 @@ def _train(args):
                         x0 = encode_normalized(vae, batch["pixels"])
                     text_embeds = batch["text_embeds"].to(device, text_dtype)
                     batch_index = global_batch(position, accelerator.num_processes, accelerator.process_index)
-                    generator = torch.Generator(device).manual_seed(_noise_seed(args.seed, batch_index))
+                    # The noise of a micro-step is a function of (seed, global batch): a resumed run draws the same
+                    # noise, and a batch gets the same noise whatever the number of processes it is trained on.
+                    generator = torch.Generator(device).manual_seed(derived_seed(args.seed, batch_index))
                     if prior is None:
                         loss = diffusion_loss(transformer, x0, text_embeds, generator, text_dropout=args.text_dropout)
                     else:
@@ -548,12 +550,6 @@ def _continue_data(saved_position: int, saved_processes: int, processes: int) ->
                     "on %d; %d global batches skipped by rounding up.", saved_position, saved_processes,
                     saved_position * saved_processes, position, processes, skipped)
     return position
-
-
-def _noise_seed(seed: int, batch: int) -> int:
-    """Noise of a micro-step as a function of (seed, global batch index): a resumed run draws the same noise, and
-    a batch gets the same noise whatever the number of processes it is trained on."""
-    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
 def _global(norm) -> float | None:

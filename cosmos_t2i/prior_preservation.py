@@ -38,12 +38,11 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from . import dataset_format as fmt
 from .objective import noised, per_sample_loss
-from .training_data import BucketBatchSampler, EmbeddedImages, collate, global_batch
+from .training_data import BucketBatchSampler, EmbeddedImages, collate, derived_seed, global_batch
 from .user_errors import BadValue
 
 logger = logging.getLogger(__name__)
@@ -177,19 +176,16 @@ def generate_class_images(model, jobs: list[tuple[int, str]], class_prompt: str,
     """Sample `jobs` ((index, bucket)) with the base model into `folder`, each PNG renamed into place when whole.
 
     `random_init`: the transformer is the architecture with random weights (seeded), as the run that trains it."""
-    from diffusers import CosmosTransformer3DModel
-
     from .atomic import atomic_output
     from .embedding import free_memory
-    from .models import device_and_dtype, load_base_transformer
+    from .models import device_and_dtype, load_base_transformer, random_transformer
     from .pipeline import load_pipeline
     from .sampling import generate
 
     _, dtype = device_and_dtype(None)  # bf16 on a GPU, fp32 on a CPU, as inference
     if random_init:
         torch.manual_seed(0)
-        with torch.device(device):
-            transformer = CosmosTransformer3DModel.from_config(model.transformer_config).to(dtype)
+        transformer = random_transformer(model.transformer_config, dtype, device)
     else:
         transformer = load_base_transformer(model, dtype)
     # Training images, like validation's: sampled without the guardrail, as NVIDIA's training samples.
@@ -310,8 +306,8 @@ class PriorBatchSampler(BucketBatchSampler):
 
     @lru_cache(maxsize=64)
     def _order(self, bucket: str, epoch: int) -> list[int]:
-        entropy = [self.seed, zlib.crc32(bucket.encode()), epoch, _CLASS_NOISE_STREAM]
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        seed = derived_seed(self.seed, zlib.crc32(bucket.encode()), epoch, _CLASS_NOISE_STREAM)
+        generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.class_members[bucket]), generator=generator).tolist()
 
     def __iter__(self):
@@ -354,10 +350,6 @@ def prior_preservation_loss(transformer, x0, text_embeds, generator, class_x0, c
                                                  "loss_class": class_loss.detach()}
 
 
-def class_noise_seed(seed: int, batch_index: int) -> int:
-    return int(np.random.SeedSequence([seed, batch_index, _CLASS_NOISE_STREAM]).generate_state(1)[0])
-
-
 class PriorPreservation:
     """What the trainer holds when --class_prompt is given: the class data, its batches and its loss."""
 
@@ -376,7 +368,8 @@ class PriorPreservation:
         `generator`: the instance half's, as the trainer made them."""
         class_x0 = batch["class"]["latents"].to(x0.device, torch.float32)
         class_embeds = batch["class"]["text_embeds"].to(x0.device, text_embeds.dtype)
-        class_generator = torch.Generator(x0.device).manual_seed(class_noise_seed(self.seed, batch_index))
+        class_seed = derived_seed(self.seed, batch_index, _CLASS_NOISE_STREAM)
+        class_generator = torch.Generator(x0.device).manual_seed(class_seed)
         return prior_preservation_loss(transformer, x0, text_embeds, generator, class_x0, class_embeds,
                                        class_generator, self.weight, text_dropout)
 

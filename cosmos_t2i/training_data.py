@@ -145,6 +145,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             position += 1
 
 
+def derived_seed(*entropy: int) -> int:
+    """A seed that is a function of `entropy` alone (e.g. the run's seed and a global batch index): the same on any
+    number of processes and after a resume, and unrelated for neighbouring inputs (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
 def global_batch(position: int, num_replicas: int, rank: int) -> int:
     """The index, in the run's one stream of batches, of the `position`-th batch that rank `rank` of
     `num_replicas` takes."""
