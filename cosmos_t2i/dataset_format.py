@@ -30,6 +30,7 @@ T5_COLUMN = "t5_xxl"
 LATENTS_COLUMN = "latents"
 LATENTS_SHAPE_COLUMN = "latents_shape"
 BUCKET_COLUMN = "bucket"
+FINGERPRINT_KEY = "content_sha256"  # in INFO_FILE: content_fingerprint() of the data, recorded when it was written
 
 
 def embedded_dir(dataset_dir: str | Path) -> Path:
@@ -70,11 +71,23 @@ def content_fingerprint(dataset_dir: str | Path) -> str | None:
     """sha256 of the embedded dataset's data (its .arrow files, in name order): what training reads, wherever the
     folder is and however its path is written. None when there is no embedded dataset (the loader says why).
 
-    Reads every byte once per start, at disk speed (the data is read again for training anyway)."""
+    embed_captions.py records it in the info file as it writes the data (FINGERPRINT_KEY), so a training start reads
+    no data for it; a dataset embedded before that is hashed here, once per start."""
+    path = embedded_dir(dataset_dir)
+    if not (path / INFO_FILE).is_file():
+        return None
+    try:
+        recorded = read_info(path).get(FINGERPRINT_KEY)
+    except ValueError:  # an unreadable info file: the loader names it
+        recorded = None
+    return recorded or hash_data_files(path)
+
+
+def hash_data_files(embedded: Path) -> str | None:
+    """content_fingerprint's hash of the .arrow files in the embedded folder `embedded` (None: there are none)."""
     import hashlib
 
-    path = embedded_dir(dataset_dir)
-    files = sorted(path.glob("*.arrow")) if (path / INFO_FILE).is_file() else []
+    files = sorted(Path(embedded).glob("*.arrow"))
     if not files:
         return None
     digest = hashlib.sha256()

@@ -233,6 +233,7 @@ def build_embedded(args, model, imagefolder_dir: Path, output_dir: Path) -> dict
                         bucket_counts=dict(Counter(latents[fmt.BUCKET_COLUMN])),
                         vae_dtype=str(dtype).removeprefix("torch."))
         join_and_save(columns, output_dir)
+        info[fmt.FINGERPRINT_KEY] = fmt.hash_data_files(output_dir)  # just written: read back from the page cache
         write_info(output_dir, info)  # written last: fmt.load_embedded_dataset requires it
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -110,6 +110,29 @@ def test_resume_recognises_the_same_data_under_another_path(dataset, tmp_path, m
         train(*flags, "--dataset_dir", other, "--max_iter", 4)
 
 
+def test_the_data_fingerprint_is_recorded_when_embedding_not_hashed_at_every_start(dataset, tmp_path, monkeypatch):
+    """embed_captions.py hashes the data it writes; a training start reads the record, not the whole dataset (for
+    100k cached latents, a hundred GB). A dataset embedded before the record existed is hashed, to the same value."""
+    import json
+
+    from cosmos_t2i import dataset_format as fmt
+
+    recorded = fmt.read_info(dataset)[fmt.FINGERPRINT_KEY]
+    assert recorded == fmt.hash_data_files(fmt.embedded_dir(dataset))
+    hashed, real = [], fmt.hash_data_files
+    monkeypatch.setattr(fmt, "hash_data_files", lambda path: hashed.append(path) or real(path))
+    final = train(*COMMON, "--output_dir", tmp_path / "run", "--dataset_dir", dataset, "--max_iter", 1,
+                  "--save_iter", 1)
+    assert hashed == [] and ckpt.read_config(final)["dataset_fingerprint"] == recorded
+
+    older = shutil.copytree(dataset, tmp_path / "older")
+    info_file = fmt.embedded_dir(older) / fmt.INFO_FILE
+    info = json.loads(info_file.read_text())
+    del info[fmt.FINGERPRINT_KEY]
+    info_file.write_text(json.dumps(info))
+    assert fmt.content_fingerprint(older) == recorded and len(hashed) == 1
+
+
 def _record_lrs(monkeypatch) -> list:
     lrs, step = [], torch.optim.AdamW.step
 
