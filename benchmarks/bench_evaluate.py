@@ -20,14 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate_text2image  # noqa: E402
-from benchmarks.common import device_name, peak_gib, reset_peak_memory, write_table  # noqa: E402
+from benchmarks.common import T5_11B_ENCODER, device_name, peak_gib, reset_peak_memory, write_table  # noqa: E402
 from cosmos_t2i import evaluation as ev  # noqa: E402
 from cosmos_t2i import fidelity, tiny_pipeline  # noqa: E402
 from cosmos_t2i.models import PRESETS  # noqa: E402
 
-# The T5 encoder Cosmos-Predict2 ships (google-t5/t5-11b's: 1024 wide, the transformer's text_embed_dim).
-T5_11B = dict(d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128, feed_forward_proj="relu",
-              relative_attention_num_buckets=32)
 DINO_VITS16 = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
                    image_size=224, patch_size=16)
 CLIP_VIT_L14 = dict(
@@ -62,8 +59,8 @@ def build_stand_ins(model: str, work_dir: Path) -> dict[str, Path]:
         if tiny:
             tiny_pipeline.build_tiny_pipeline(paths["pipeline"])
         else:
-            tiny_pipeline.build_random_pipeline(paths["pipeline"], PRESETS[model].transformer_config, {}, T5_11B,
-                                                device=device, dtype=torch.bfloat16)
+            tiny_pipeline.build_random_pipeline(paths["pipeline"], PRESETS[model].transformer_config, {},
+                                                T5_11B_ENCODER, device=device, dtype=torch.bfloat16)
     if not (paths["dino"] / "config.json").is_file():
         fidelity.build_random_dino(paths["dino"], fidelity.TINY_DINO_SHAPE if tiny else DINO_VITS16)
     if not (paths["clip"] / "config.json").is_file():

@@ -14,9 +14,10 @@ recipe are bench_train.py's, with --card_gib to emulate a smaller GPU):
 - quality: a one-image LoRA learning run on a bf16 base against one on an fp8 base, from the same weights,
   adapters, data and noise: both loss curves, and how closely each trained LoRA, applied to the bf16 base, samples
   the training latent (relative L2 over 35 steps with CFG 4, three seeds).
-- sampling: infer_text2image.py's memory path: T5-XXL (random, real size) encodes first and is freed, then the
-  transformer goes to the GPU (in fp8 with --fp8, streamed with --offload) and makes images; the peak counts both
-  phases, and the time per image is the mean after a warm-up image (compilation).
+- sampling: infer_text2image.py's memory path: T5 (t5-11b's encoder at full size, random: benchmarks/common.py)
+  encodes one batch of prompts first and is freed, then the transformer goes to the GPU (in fp8 with --fp8,
+  streamed with --offload) and makes images; the peak counts both phases, and the time per image is the mean
+  after a warm-up image (compilation).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_infer import build_pipeline  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    Timer, device_name, free_memory, limit_memory, peak_gib, reset_peak_memory, write_table,
+    T5_11B_ENCODER, T5_VOCAB_SIZE, Timer, device_name, free_memory, limit_memory, peak_gib, reset_peak_memory,
+    write_table,
 )
 from cosmos_t2i import fp8, fp8_base, speed  # noqa: E402
 from cosmos_t2i.cuda_graphs import GraphedTransformer  # noqa: E402
@@ -41,11 +43,7 @@ from cosmos_t2i.models import PRESETS  # noqa: E402
 from cosmos_t2i.objective import diffusion_loss  # noqa: E402
 from cosmos_t2i.pipeline import place_for_sampling  # noqa: E402
 from cosmos_t2i.sampling import decode_images, sample_latents  # noqa: E402
-
-# The text encoder of NVIDIA's Cosmos-Predict2 pipelines: T5-v1.1-XXL's encoder (google-t5/t5-v1_1-xxl's config).
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, is_encoder_decoder=False)
-
+from cosmos_t2i.text_encoding import PROMPTS_PER_BATCH  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,10 +224,11 @@ def sampling(args, device) -> tuple[list[dict], str]:
         torch.set_default_dtype(torch.bfloat16)
         try:
             with torch.device(device):
-                encoder = T5EncoderModel(T5Config(**T5_XXL)).eval()
+                encoder = T5EncoderModel(T5Config(vocab_size=T5_VOCAB_SIZE, **T5_11B_ENCODER)).eval()
         finally:
             torch.set_default_dtype(default)
-        ids = torch.randint(0, T5_XXL["vocab_size"], (1, 512), device=device)
+        # One batch of prompts as infer_text2image.py encodes them (text_encoding.PROMPTS_PER_BATCH x 512 tokens).
+        ids = torch.randint(0, T5_VOCAB_SIZE, (PROMPTS_PER_BATCH, 512), device=device)
         encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.cpu()
         del encoder
         free_memory()
@@ -260,7 +259,7 @@ def sampling(args, device) -> tuple[list[dict], str]:
         s_per_image, fits = "OOM", "no"
     mode = ("fp8" if args.fp8 else "bf16") + (" + offload" if args.offload else "") + \
         (" + compiled" if args.compile and not args.offload else "")
-    row = dict(model=args.model, weights=mode, text_encoder="none" if args.no_text_encoder else "T5-XXL, then freed",
+    row = dict(model=args.model, weights=mode, text_encoder="none" if args.no_text_encoder else "T5 (t5-11b), then freed",
                card_gib=args.card_gib or "full", fits=fits, s_per_image=s_per_image, peak_gib=peak_gib(),
                t5_phase_peak_gib=t5_peak)
     header = f"### Sampling memory, {args.model}, {args.width}x{args.height}, {args.num_steps} steps, CFG 4, " \

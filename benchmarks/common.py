@@ -19,6 +19,14 @@ TEXT_TOKENS = 512
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+# The text encoder of NVIDIA's Cosmos-Predict2 pipelines, built at full size with random weights: google-t5/t5-11b's
+# encoder (diffusers' Cosmos2TextToImagePipeline names it; 1024 wide, the transformers' text_embed_dim), 4.9 B
+# parameters, 9.1 GiB in bf16. Not T5-v1.1-XXL (4096 wide, gated GELU), which the ninth session's sampling runs used.
+T5_11B_ENCODER = dict(d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128, feed_forward_proj="relu",
+                      relative_attention_num_buckets=32)
+T5_VOCAB_SIZE = 32128
+
+
 def forward_flops_per_sample(config: dict, height: int, width: int) -> float:
     """Matmul FLOPs of one transformer forward on one image of height x width pixels (Wan VAE: 8x down)."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
