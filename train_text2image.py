@@ -145,8 +145,9 @@ def parse_args(argv=None):
     out.add_argument("--no_async_save", dest="async_save", action="store_false",
                      help="Write each checkpoint while training waits.")
     out.add_argument("--no_verify_checksums", dest="verify_checksums", action="store_false", default=True,
-                     help="On resume, skip hashing the checkpoint against the checksums recorded at save time (it "
-                     "reads the whole checkpoint once); sizes and headers are still checked.")
+                     help="On resume (and for --init_from's model/), skip hashing the checkpoint against the "
+                     "checksums recorded at save time (it reads the whole checkpoint once); sizes and headers are "
+                     "still checked.")
     out.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"])
     out.add_argument("--tracker_project_name", default="cosmos-predict2-text2image")
     out.add_argument("--validation_prompt", action="append", default=None,
@@ -290,6 +291,8 @@ def _train(args):
     resume = _checkpoint_to_resume(args, output_dir)
     init = run_folder.init_checkpoint(args.init_from, args.lora, args.rank) \
         if args.init_from and resume is None else None
+    if init is not None:  # its weights only are read: model/ is checked like a resume's checkpoint
+        verify_for_resume(accelerator, init, hashes=args.verify_checksums, within=ckpt.MODEL, flag="--init_from")
     if args.resume_from_checkpoint == "none" and accelerator.is_main_process:
         run_folder.set_previous_run_aside(output_dir)
     saved_config = _check_resume(accelerator, resume, config, args.verify_checksums) if resume is not None else None

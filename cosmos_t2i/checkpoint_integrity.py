@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .atomic import fsync_file
 from .user_errors import UnreadableInput
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,6 @@ _THREADS = 4
 
 def record_checksums(checkpoint: Path, trainer_dir: str = "trainer") -> int:
     """Hash every file under `checkpoint` into trainer/checksums.json (flushed to disk); returns the bytes hashed."""
-    from .atomic import fsync_file
-
     record_name = f"{trainer_dir}/{CHECKSUMS}"
     files = sorted(p for p in _files(checkpoint) if p.relative_to(checkpoint).as_posix() != record_name)
     digests = _hash_all(files, progress=None)
@@ -64,15 +64,16 @@ def record_checksums(checkpoint: Path, trainer_dir: str = "trainer") -> int:
 
 # Checking, at resume time.
 
-def damage(checkpoint: Path, hashes: bool = True, trainer_dir: str = "trainer") -> str | None:
-    """What is wrong with `checkpoint` ("FILE is ..."), or None when it is whole. Logs a warning for a checkpoint
-    saved without checksums (only its structure can be checked)."""
+def damage(checkpoint: Path, hashes: bool = True, trainer_dir: str = "trainer", within: str = "") -> str | None:
+    """What is wrong with `checkpoint` ("FILE is ..."), or None when it is whole; with `within` (a subfolder, e.g.
+    "model"), only with the files there. Logs a warning for a checkpoint saved without checksums (only its
+    structure can be checked)."""
     checkpoint = Path(checkpoint)
     record_path = checkpoint / trainer_dir / CHECKSUMS
     record = None
     if record_path.is_file():
         try:
-            record = json.loads(record_path.read_text())["files"]
+            record = _inside(json.loads(record_path.read_text())["files"], within)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return f"{record_path} (the checksums recorded at save time) is not valid JSON"
     else:
@@ -82,7 +83,7 @@ def damage(checkpoint: Path, hashes: bool = True, trainer_dir: str = "trainer") 
         problem = _size_damage(checkpoint, record)
         if problem:
             return problem
-    for path in sorted(_files(checkpoint)):
+    for path in sorted(_files(checkpoint / within)):
         problem = structure_damage(path)
         if problem:
             return problem
@@ -91,11 +92,16 @@ def damage(checkpoint: Path, hashes: bool = True, trainer_dir: str = "trainer") 
     return None
 
 
-def read_record(checkpoint: Path, trainer_dir: str = "trainer") -> dict | None:
-    """The checksums recorded when `checkpoint` was saved, by file; None when there are none (readable ones: damage()
-    checks that first)."""
+def read_record(checkpoint: Path, trainer_dir: str = "trainer", within: str = "") -> dict | None:
+    """The checksums recorded when `checkpoint` was saved, by file (of `within` only, when given); None when there
+    are none (readable ones: damage() checks that first)."""
     path = Path(checkpoint) / trainer_dir / CHECKSUMS
-    return json.loads(path.read_text())["files"] if path.is_file() else None
+    return _inside(json.loads(path.read_text())["files"], within) if path.is_file() else None
+
+
+def _inside(record: dict, within: str) -> dict:
+    """The entries of `record` under the subfolder `within` ("": all of them)."""
+    return {name: entry for name, entry in record.items() if not within or name.startswith(within.rstrip("/") + "/")}
 
 
 def content_damage(checkpoint: Path, record: dict, names: list[str], progress: bool = True) -> str | None:
@@ -191,8 +197,6 @@ def _hash_all(files: list[Path], progress) -> list[str]:
 
 
 def _hash_file(path: Path, progress) -> str:
-    import hashlib
-
     digest = hashlib.new(ALGORITHM)
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
@@ -221,33 +225,42 @@ def previous_complete(checkpoint: Path, state_file: str = "trainer/state.json") 
     return None
 
 
-def refusal(checkpoint: Path, problem: str) -> str:
-    """The one-line error for a damaged `checkpoint`: what is wrong, and where to resume instead."""
+RESUME_FLAG = "--resume_from_checkpoint"
+
+
+def refusal(checkpoint: Path, problem: str, flag: str = RESUME_FLAG) -> str:
+    """The one-line error for a damaged `checkpoint` given to `flag`: what is wrong, and what to pass instead."""
     previous = previous_complete(checkpoint)
     if previous is not None:
-        instead = f"Resume from the previous complete checkpoint with --resume_from_checkpoint {previous}"
+        instead = f"{'Resume' if flag == RESUME_FLAG else 'Start'} from the previous complete checkpoint with " \
+                  f"{flag} {previous}"
+    elif flag == RESUME_FLAG:
+        instead = f"There is no earlier complete checkpoint beside it: start over with {flag} none"
     else:
-        instead = "There is no earlier complete checkpoint beside it: start over with --resume_from_checkpoint none"
+        instead = f"There is no earlier complete checkpoint beside it: pass another {flag}, or drop it"
     return f"Checkpoint {checkpoint} is damaged: {problem}. {instead} (or restore the file from a backup)."
 
 
-def verify_for_resume(accelerator, checkpoint: Path, hashes: bool = True) -> None:
-    """Refuse a damaged `checkpoint` on every process. The main process checks sizes and structure; the hashing is
-    shared out, each process reading its share of the bytes (a node of 8 reads an eighth each; the others also wait
-    less long in the collective for the main process)."""
+def verify_for_resume(accelerator, checkpoint: Path, hashes: bool = True, within: str = "",
+                      flag: str = RESUME_FLAG) -> None:
+    """Refuse a damaged `checkpoint` on every process (only its subfolder `within` when given: --init_from reads
+    model/ alone; `flag` is the one the error tells to change). The main process checks sizes and structure; the
+    hashing is shared out, each process reading its share of the bytes (a node of 8 reads an eighth each; the
+    others also wait less long in the collective for the main process)."""
     processes = getattr(accelerator, "num_processes", 1)
-    problem = damage(checkpoint, hashes=hashes and processes == 1) if accelerator.is_main_process else None
+    problem = damage(checkpoint, hashes=hashes and processes == 1, within=within) \
+        if accelerator.is_main_process else None
     if processes > 1:
         from accelerate.utils import broadcast_object_list, gather_object
 
         problem = broadcast_object_list([problem])[0]
-        record = read_record(checkpoint) if hashes and problem is None else None
+        record = read_record(checkpoint, within=within) if hashes and problem is None else None
         if record is not None:
             share = _share(record, processes)[accelerator.process_index]
             found = content_damage(checkpoint, record, share, progress=accelerator.is_main_process)
             problem = next((p for p in gather_object([found]) if p), None)
     if problem:
-        raise UnreadableInput(refusal(checkpoint, problem))
+        raise UnreadableInput(refusal(checkpoint, problem, flag))
 
 
 def _share(record: dict, processes: int) -> list[list[str]]:

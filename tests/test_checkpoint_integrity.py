@@ -326,3 +326,21 @@ def test_a_background_snapshot_copies_the_unsharded_ema_only_through_the_copier(
     for name, live in ema.shadow.items():
         assert torch.equal(snapshot[name], live)
         assert snapshot[name].data_ptr() != live.data_ptr()  # a copy: training goes on updating the live one
+
+
+def test_init_from_damaged_weights_is_refused_and_only_the_weights_are_checked(dataset, run, tmp_path, monkeypatch):
+    """--init_from reads model/ alone: a damaged optimizer there is no reason to refuse, zeroed weights are (before
+    they are loaded and trained on), in one line naming the file and a checkpoint to start from instead."""
+    source = run / "checkpoints" / ckpt.iter_name(2)
+    _overwrite(source / "optim" / "optimizer.pt")
+    new = train(*_flags(dataset, tmp_path / "new", "--init_from", source, "--max_iter", 1))
+    assert new.name == ckpt.iter_name(1)
+
+    _overwrite(source / WEIGHTS, _header_end(source / WEIGHTS))  # zeros under an intact header
+    for method in (methods.FullFineTune, methods.LoraFineTune):
+        monkeypatch.setattr(method, "build", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UnreadableInput) as error:
+        train(*_flags(dataset, tmp_path / "newer", "--init_from", source))
+    message = str(error.value)
+    assert "\n" not in message and f"Checkpoint {source} is damaged: {source / WEIGHTS} " in message
+    assert f"--init_from {run.absolute() / 'checkpoints' / ckpt.iter_name(1)}" in message
