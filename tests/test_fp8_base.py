@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from train_helpers import make_dataset, pattern_image, train
+from train_helpers import make_dataset, pattern_image, tiny_transformer_inputs, train
 
 from cosmos_t2i import fp8_base
 from cosmos_t2i.lora import WEIGHT_NAME
@@ -111,10 +111,7 @@ def test_a_lora_trained_on_an_fp8_base_learns_and_loads_into_the_unquantized_bas
     trained = built[0].eval()
     fresh = CosmosTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
     fresh.load_lora_adapter(checkpoint / "model", weight_name=WEIGHT_NAME, prefix="transformer")
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, 16, 1, 8, 8, generator=generator), timestep=torch.tensor([0.3, 0.8]),
-                  encoder_hidden_states=torch.randn(2, 512, 32, generator=generator),
-                  padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False)
+    inputs = tiny_transformer_inputs(seed=0)
     with torch.no_grad():
         on_fp8, on_exact = trained(**inputs)[0], fresh(**inputs)[0]
         base = CosmosTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")(**inputs)[0]

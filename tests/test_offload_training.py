@@ -14,7 +14,7 @@ import weakref
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import make_dataset, pattern_image, train
+from train_helpers import make_dataset, pattern_image, tiny_transformer_inputs, train
 
 import train_text2image
 from cosmos_t2i import checkpoint as ckpt
@@ -170,10 +170,7 @@ def test_forwards_without_a_backward_in_between_give_the_plain_models_output(com
             if "lora_B" in name:
                 p.normal_(std=0.1)
                 adapters[name].copy_(p)
-    generator = torch.Generator().manual_seed(2)
-    inputs = dict(hidden_states=torch.randn(2, 16, 1, 8, 8, generator=generator), timestep=torch.tensor([0.3, 0.8]),
-                  encoder_hidden_states=torch.randn(2, 16, 32, generator=generator),
-                  padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False)
+    inputs = tiny_transformer_inputs(seed=2, text_tokens=16)
     with torch.no_grad():
         expected = plain(**inputs)[0]
         for _ in range(2):

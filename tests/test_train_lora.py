@@ -3,7 +3,7 @@
 import pytest
 import torch
 from safetensors import safe_open
-from train_helpers import make_dataset, pattern_image, train
+from train_helpers import make_dataset, pattern_image, tiny_transformer_inputs, train
 
 from cosmos_t2i.lora import WEIGHT_NAME
 from cosmos_t2i.methods import LoraFineTune
@@ -43,10 +43,7 @@ def test_saved_lora_loads_into_a_fresh_transformer(dataset, tiny_model_dir, tmp_
     config = next(iter(fresh.peft_config.values()))
     assert (config.r, config.lora_alpha) == (4, 8)
 
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, 16, 1, 8, 8, generator=generator), timestep=torch.tensor([0.3, 0.8]),
-                  encoder_hidden_states=torch.randn(2, 512, 32, generator=generator),
-                  padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False)
+    inputs = tiny_transformer_inputs(seed=0)
     with torch.no_grad():
         expected, got = trained(**inputs)[0], fresh(**inputs)[0]
         base = CosmosTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")(**inputs)[0]

@@ -41,6 +41,14 @@ def two_bucket_dataset(root: Path) -> Path:
     return make_dataset(root, images, cache_latents=True)
 
 
+def tiny_transformer_inputs(seed: int = 0, text_tokens: int = 512) -> dict:
+    """Keyword arguments for one call of the tiny transformer: two 8x8 latents at two noise levels, random text."""
+    generator = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, 16, 1, 8, 8, generator=generator), timestep=torch.tensor([0.3, 0.8]),
+                encoder_hidden_states=torch.randn(2, text_tokens, 32, generator=generator),
+                padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False)
+
+
 def train(*argv: str):
     """Run train_text2image.py in this process; returns the last checkpoint's path."""
     from accelerate.state import AcceleratorState
