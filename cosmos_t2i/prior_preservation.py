@@ -54,6 +54,7 @@ CLASS_IMAGE_STEPS, CLASS_IMAGE_GUIDANCE = 35, 4.0
 GENERATED = re.compile(r"class_(\d{5,})\.png")
 MANIFEST_KEY = "prior_preservation"  # in DIR/embedded/cosmos_t2i.json: what the embedded class set was built from
 EMBED_BATCH_SIZE = 8
+CLASS_DIR_FLAG = "--class_data_dir"
 _CLASS_NOISE_STREAM = 1  # the class half's noise: SeedSequence([seed, global batch, 1]); the trainer's is [seed, batch]
 
 
@@ -218,9 +219,9 @@ def embed_class_images(model, model_name: str, folder: Path, class_prompt: str, 
     """DIR/embedded/ for the class images, unless the one there was built from the same images, prompt and model."""
     from . import embedding
     from .atomic import staged_folder
+    from .run_folder import require_writable
 
     images = folder_images(folder)
-    write_metadata(folder, images, class_prompt)
     manifest = {"class_prompt": class_prompt, "model_path": model.path,
                 "images": [[p.name, p.stat().st_size] for p in images]}
     try:
@@ -228,6 +229,8 @@ def embed_class_images(model, model_name: str, folder: Path, class_prompt: str, 
             return
     except (FileNotFoundError, ValueError):
         pass
+    require_writable(folder, CLASS_DIR_FLAG)
+    write_metadata(folder, images, class_prompt)  # what build_embedded reads; the manifest above stands for it
     logger.info("Embedding %d class images of %s", len(images), folder)
     options = SimpleNamespace(model=model_name, batch_size=EMBED_BATCH_SIZE, cache_latents=True, dtype=t5_dtype,
                               caption_column=fmt.TEXT_COLUMN, from_nvidia_dir=None)
@@ -248,13 +251,17 @@ def prepare_class_data(args, model, instance: EmbeddedImages, accelerator) -> Em
     """The class images as training items: generated where missing (split over the processes), embedded once by
     the main process, read by all."""
     from .atomic import remove_stale_temp_files
+    from .run_folder import require_writable
 
     folder = Path(args.class_data_dir)
     if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            require_writable(folder, CLASS_DIR_FLAG)
         remove_stale_temp_files(folder)
     accelerator.wait_for_everyone()
     missing = missing_class_images(folder, args.num_class_images, instance.buckets, model.resolutions)
+    if missing and accelerator.is_main_process:  # before the base model is loaded to sample them
+        require_writable(folder, CLASS_DIR_FLAG)
     accelerator.wait_for_everyone()  # every process listed the folder before any writes to it
     if missing:
         mine = missing[accelerator.process_index::accelerator.num_processes]

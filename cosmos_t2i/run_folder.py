@@ -19,16 +19,16 @@ class UnwritableOutput(UserError, PermissionError):
     pass
 
 
-def require_writable(output_dir: Path) -> None:
-    """Create `output_dir` and write a file in it, so that a folder that cannot be written stops the run before the
-    model loads, not at the first checkpoint."""
-    probe = output_dir / f".write_test.{os.getpid()}"
+def require_writable(folder: Path, flag: str = "--output_dir") -> None:
+    """Create `folder` (given as `flag`) and write a file in it, so that a folder that cannot be written stops the
+    run before the work whose results go there, not when they are written."""
+    probe = Path(folder) / f".write_test.{os.getpid()}"
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise UnwritableOutput(f"--output_dir {output_dir} cannot be written ({error.strerror or error}): pass a "
+        raise UnwritableOutput(f"{flag} {folder} cannot be written ({error.strerror or error}): pass a "
                                "folder you can create and write to.") from None
 
 

@@ -156,6 +156,22 @@ def test_class_images_are_generated_once_resume_after_an_interruption_and_are_re
     assert set(fmt.load_embedded_dataset(folder)[fmt.TEXT_COLUMN]) == {"An image of a machine."}
 
 
+def test_a_class_folder_that_cannot_be_written_is_one_line_before_the_base_model_loads(dataset, tmp_path,
+                                                                                        monkeypatch):
+    model = resolve_model("tiny")
+    instance = EmbeddedImages(dataset, model.resolutions)
+    (tmp_path / "a_file").write_text("")
+    folder = tmp_path / "a_file" / "class"  # cannot be created, also for root
+    args = SimpleNamespace(class_data_dir=str(folder), class_prompt=CLASS_PROMPT, num_class_images=2,
+                           model="tiny", random_init=False, dataset_dir=str(dataset))
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("the base model sampled"))
+    with pytest.raises(PermissionError) as error:
+        prior_preservation.prepare_class_data(args, model, instance, _one_process())
+    message = str(error.value)
+    assert message.startswith(f"--class_data_dir {folder} cannot be written") and "\n" not in message
+    assert isinstance(error.value, UserError)
+
+
 def test_own_class_images_count_and_every_instance_bucket_needs_some(dataset, tmp_path):
     model = resolve_model("tiny")
     instance = EmbeddedImages(dataset, model.resolutions)
