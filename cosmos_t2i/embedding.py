@@ -8,7 +8,6 @@ depend on the imagefolder staying where it is.
 
 from __future__ import annotations
 
-import gc
 import logging
 import pickle
 import shutil
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from . import dataset_format as fmt
+from . import memory
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
 from .text_encoding import MAX_LENGTH, encode_captions, tokens_past_max_length
 from .user_errors import BadValue, MissingInput
@@ -220,14 +220,14 @@ def build_embedded(args, model, imagefolder_dir: Path, output_dir: Path) -> dict
                         text_encoder=type(text_encoder).__name__,
                         text_embed_dim=text_encoder.config.d_model, dtype=str(dtype).removeprefix("torch."))
             del text_encoder
-            free_memory(device)
+            memory.free_memory(device)
         columns = [dataset, t5_rows]
         if args.cache_latents:
             resolutions = model.resolutions  # the buckets training uses
             vae = load_vae(model, device, dtype)
             latents = latent_rows(dataset, vae, resolutions, args.batch_size, work / "latents.arrow")
             del vae
-            free_memory(device)
+            memory.free_memory(device)
             columns.append(latents)
             info.update(bucket_resolutions={k: list(v) for k, v in resolutions.items()},
                         bucket_counts=dict(Counter(latents[fmt.BUCKET_COLUMN])),
@@ -238,12 +238,6 @@ def build_embedded(args, model, imagefolder_dir: Path, output_dir: Path) -> dict
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return info
-
-
-def free_memory(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------

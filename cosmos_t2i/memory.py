@@ -9,6 +9,7 @@ T5 on the CPU, fp8 matmuls and offloading (host-to-GPU copies). BENCHMARKS.md ha
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -21,6 +22,14 @@ class OutOfMemory(UserError, RuntimeError):
 
 def gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.1f} GiB"
+
+
+def free_memory(device) -> None:
+    """Give the memory of models just dropped back (a text encoder, a VAE, a sampling pipeline), so that what runs
+    next has it: collect them, and on a GPU empty the allocator's cache."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def reset_peak(device) -> None:

@@ -178,7 +178,7 @@ def generate_class_images(model, jobs: list[tuple[int, str]], class_prompt: str,
 
     `random_init`: the transformer is the architecture with random weights (seeded), as the run that trains it."""
     from .atomic import atomic_output
-    from .embedding import free_memory
+    from .memory import free_memory
     from .models import device_and_dtype, load_base_transformer, random_transformer
     from .pipeline import load_pipeline
     from .sampling import generate
@@ -201,7 +201,7 @@ def generate_class_images(model, jobs: list[tuple[int, str]], class_prompt: str,
                 image.save(tmp)
     finally:
         del pipe, transformer
-        free_memory(torch.device(device))
+        free_memory(device)
 
 
 def write_metadata(folder: Path, images: list[Path], class_prompt: str) -> None:

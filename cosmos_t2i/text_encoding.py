@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import models
+from . import memory, models
 
 MAX_LENGTH = 512
 PROMPTS_PER_BATCH = 8  # T5-XXL's activations for 8 x 512 tokens stay well below its 9 GiB of weights
@@ -54,6 +54,5 @@ def encode_prompts(model, prompts: list[str], device, dtype) -> torch.Tensor:
         embeddings = encode_captions(tokenizer, text_encoder, prompts[start:start + PROMPTS_PER_BATCH])
         padded += [pad_embedding(e).cpu() for e in embeddings]
     del text_encoder
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    memory.free_memory(device)
     return torch.stack(padded)
