@@ -67,8 +67,8 @@ def parse_args(argv=None):
                        "The saved LoRA is an ordinary one for the bf16 base.")
     model.add_argument("--offload_frozen", action="store_true", help="With --lora: keep the frozen base's block "
                        "Linear weights (bf16, or fp8 with --fp8_base) in pinned host memory and stream them to the GPU "
-                       "block by block, the next block's copy overlapped with compute: for 12-16 GB cards. Same "
-                       "math.")
+                       "block by block, the next block's copy overlapped with compute. Same math. Meant for 12-16 GB "
+                       "cards; its GPU memory and speed are not measured yet (BENCHMARKS.md).")
     model.add_argument("--random_init", action="store_true", help="Random weights of the model's architecture "
                        "instead of its trained ones: nothing to download for 2B/14B (benchmarks, tests).")
 

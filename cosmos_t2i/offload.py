@@ -18,8 +18,8 @@ autograd never holds a device copy.
 
 Overlapped: every block's copy but the first of each step (block 0, fetched when the step's forward starts, while
 nothing else runs on the GPU). Not overlapped either: the dequantisation of fp8 weights (on the compute stream, as
-with `--fp8_base` alone). Bandwidth bound: at ~50 GB/s (PCIe 5), 14B's bf16 blocks take ~0.55 s per pass, two
-passes a step; fp8 half of that.
+with `--fp8_base` alone). Bandwidth bound (an estimate, not measured): at ~50 GB/s (PCIe 5), 14B's bf16
+blocks take ~0.55 s per pass, two passes a step; fp8 half of that.
 
 Why not diffusers' `apply_group_offloading` (used for sampling in pipeline.py): it is built for inference. It swaps
 `param.data` of the module's own parameters between host and device, but autograd keeps the tensor F.linear used,
