@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 
 import torch
 
@@ -56,7 +57,13 @@ def training_advice(args) -> list[str]:
     if args.lora and not args.offload_frozen:
         advice.append("--offload_frozen (the frozen block weights stay in host memory and stream to the GPU block by "
                       "block)")
-    if not args.lora:
+    # accelerate launch hands the config's FSDP offload to the processes in these variables (checked before the
+    # Accelerator exists).
+    offloaded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+        and os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
+    if not args.lora and not offloaded:
+        advice.append("accelerate launch --config_file accelerate_configs/fsdp2_offload.yaml (weights, gradients, "
+                      "AdamW state and EMA in host memory: 2B fits a 24 GB card, slower per step)")
         advice.append("--lora --fp8_base (adapters on a frozen fp8 base instead of the whole transformer in fp32 "
                       "with AdamW and EMA), or more GPUs with accelerate_configs/fsdp2_8gpu.yaml")
     return advice

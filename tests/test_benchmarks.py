@@ -29,13 +29,16 @@ def test_bench_infer_reports_decode_time_and_the_fp8_error(tmp_path):
 
 
 def test_bench_scaling_reads_the_training_scripts_throughput(tiny_model_dir, tmp_path):
+    """Through card_limited.py as --card_gib runs it (on the CPU it limits nothing, but runs the trainer whole)."""
     out = tmp_path / "scaling.md"
     bench_scaling.main(["--workload", "14B_lora_ddp", "--model", "tiny", "--gpus", "1", "--steps", "4",
-                        "--height", "64", "--width", "64", "--out", str(out), "--", "--dataloader_num_workers", "0"])
+                        "--height", "64", "--width", "64", "--card_gib", "24", "--out", str(out), "--",
+                        "--dataloader_num_workers", "0"])
     [row] = json.loads(out.with_suffix(".json").read_text())
     assert "error" not in row, (tmp_path / "14B_lora_ddp_1gpu.log").read_text()[-3000:]
     assert row["gpus"] == 1 and row["config"] == "single_gpu.yaml" and row["scaling"] == "100.0%"
-    assert row["samples_per_s"] > 0 and row["per_gpu"] == row["samples_per_s"]
+    assert row["samples_per_s"] > 0 and row["per_gpu"] == row["samples_per_s"] and row["card_gib"] == 24
+    assert 0.2 < row["host_peak_gib"] < 20  # the trainer's process, not this one's or none
 
 
 def test_bench_caption_times_full_length_captions(tmp_path, monkeypatch):

@@ -79,11 +79,26 @@ def test_a_text_encoder_device_that_cannot_work_is_one_line_before_any_loading(d
 
 def test_prompts_are_encoded_in_batches_with_the_same_numbers(tiny_model_dir, monkeypatch):
     prompts = [f"prompt number {i}" for i in range(5)]
+    monkeypatch.setattr(text_encoding, "PROMPTS_PER_BATCH", 8)
     one_batch = text_encoding.encode_prompts(models.resolve_model("tiny"), prompts, "cpu", torch.float32)
     monkeypatch.setattr(text_encoding, "PROMPTS_PER_BATCH", 2)
     batched = text_encoding.encode_prompts(models.resolve_model("tiny"), prompts, "cpu", torch.float32)
     assert batched.shape == (5, 512, one_batch.shape[-1])
     torch.testing.assert_close(batched, one_batch, rtol=1e-5, atol=1e-6)
+
+
+def test_t5_sees_at_most_a_prompt_and_its_negative_at_once(tiny_model_dir, monkeypatch):
+    """t5-11b's activations are about 0.5 GiB per prompt (H200: 13.0 GiB peak for 8 at once, 9.1 of it weights), so
+    a prompt list is encoded two at a time: the T5 phase stays near 10 GiB, inside a 12 GiB card."""
+    batches, encode = [], text_encoding.encode_captions
+
+    def spy(tokenizer, text_encoder, captions, *args, **kwargs):
+        batches.append(len(captions))
+        return encode(tokenizer, text_encoder, captions, *args, **kwargs)
+
+    monkeypatch.setattr(text_encoding, "encode_captions", spy)
+    text_encoding.encode_prompts(models.resolve_model("tiny"), [f"p{i}" for i in range(5)], "cpu", torch.float32)
+    assert batches == [2, 2, 1]
 
 
 def test_out_of_memory_while_sampling_names_the_flags_cheapest_first(tiny_model_dir, tmp_path, monkeypatch):

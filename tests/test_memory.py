@@ -33,7 +33,7 @@ def test_out_of_memory_in_training_names_the_flags_that_lower_memory(dataset, tm
     assert error.value.exit_code == 2
 
 
-def test_the_advice_leaves_out_what_the_run_already_uses():
+def test_the_advice_leaves_out_what_the_run_already_uses(monkeypatch):
     args = train_text2image.parse_args(["--model", "tiny", "--lora", "--fp8_base", "--offload_frozen",
                                         "--gradient_checkpointing", "--dataset_dir", "x"])
     assert memory.training_advice(args) == []
@@ -41,3 +41,10 @@ def test_the_advice_leaves_out_what_the_run_already_uses():
     full = train_text2image.parse_args(["--model", "tiny", "--dataset_dir", "x"])
     advice = " ".join(memory.training_advice(full))
     assert "--lora --fp8_base" in advice and "--gradient_checkpointing" in advice
+    # A full fine-tune is offered the host-memory config after checkpointing, before giving up the full fine-tune...
+    positions = [advice.index(s) for s in ("--gradient_checkpointing", "fsdp2_offload.yaml", "--lora --fp8_base")]
+    assert positions == sorted(positions)
+    # ...unless accelerate launched it with that offload already.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    assert "fsdp2_offload.yaml" not in " ".join(memory.training_advice(full))

@@ -243,6 +243,10 @@ def test_lora_targets_every_block_attention_and_mlp(tiny_model_dir):
                     "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
                     "FSDP_TRANSFORMER_CLS_TO_WRAP": "CosmosTransformerBlock",
                     "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}),
+    # Everything but the running block in host memory: 2B full fine-tune on a 24 GB card.
+    ("fsdp2_offload", {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true",
+                       "FSDP_TRANSFORMER_CLS_TO_WRAP": "CosmosTransformerBlock",
+                       "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}),
 ])
 def test_accelerate_configs_launch_as_intended(name, expected):
     """What `accelerate launch --config_file` hands the training processes (no GPU needed to check)."""
@@ -251,7 +255,8 @@ def test_accelerate_configs_launch_as_intended(name, expected):
 
     argv = ["--config_file", f"accelerate_configs/{name}.yaml", "train_text2image.py"]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
-    assert args.mixed_precision == "bf16" and args.num_processes == (1 if name == "single_gpu" else 8)
+    one_gpu = name in ("single_gpu", "fsdp2_offload")
+    assert args.mixed_precision == "bf16" and args.num_processes == (1 if one_gpu else 8)
     if expected:
         env = prepare_multi_gpu_env(args)
         assert {k: env.get(k) for k in expected} == expected
