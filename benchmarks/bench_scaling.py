@@ -59,9 +59,10 @@ WORKLOADS = {
                                ["--train_batch_size", "2", "--gradient_checkpointing", "--no_ema"], recompute=1.0),
     "14B_lora_ddp": Workload("14B", "ddp_8gpu.yaml", ["--lora", "--train_batch_size", "1"], lora=True),
     # Weights, gradients, AdamW state and EMA in host memory (fsdp2_offload.yaml): the 24 GB-card recipe. The CPU's
-    # AdamW step is paid once per step, so a large batch with every block checkpointed amortises it.
+    # AdamW step is paid once per optimizer step, so 64 samples a step (16 x 4 accumulated) amortise it.
     "2B_full_fsdp2_offload": Workload("2B", "fsdp2_offload.yaml",
-                                      ["--train_batch_size", "16", "--gradient_checkpointing"], recompute=1.0),
+                                      ["--train_batch_size", "16", "--gradient_accumulation_steps", "4",
+                                       "--gradient_checkpointing"], recompute=1.0),
 }
 
 
