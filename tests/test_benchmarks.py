@@ -60,3 +60,22 @@ def test_bench_save_times_synchronous_and_background_saves(tmp_path):
     assert sync["saves"] == background["saves"] == 2 and sync["checkpoint_gb"] == background["checkpoint_gb"] > 0
     assert background["host_gib"] > 0 and sync["host_gib"] == 0  # the copy that a background save writes from
     assert not any((tmp_path / "ckpts").iterdir())  # the benchmark's checkpoints are removed
+
+
+def test_bench_scaling_reads_the_peak_the_trainer_reports(monkeypatch, caplog):
+    """The trainer's own throughput line on a GPU (its peak and the GPU's size faked: the CPU has neither)."""
+    import logging
+    import types
+
+    from accelerate.state import PartialState
+
+    import train_text2image
+
+    PartialState()  # the trainer logs through accelerate's logger
+    monkeypatch.setattr(train_text2image.memory, "peak", lambda device: int(14.5 * 2**30))
+    monkeypatch.setattr(train_text2image.torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=140 * 2**30))
+    with caplog.at_level(logging.INFO, logger=train_text2image.logger.name):
+        train_text2image._report_speed([9.0, 1.0, 1.0, 0.5, 0.5], 16, "cuda")
+    [(samples_per_s, step_ms, peak)] = bench_scaling.THROUGHPUT.findall(caplog.text)
+    assert (float(samples_per_s), float(step_ms), float(peak)) == (32.0, 500.0, 14.5)
