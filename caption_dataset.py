@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from cosmos_t2i import captioning, cli, user_errors
+from cosmos_t2i import captioning, cli, memory, user_errors
 from cosmos_t2i.models import dtype_named
 
 logger = logging.getLogger("caption_dataset")
@@ -71,11 +71,13 @@ def main(argv=None) -> captioning.Report:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtype = dtype_named(args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    advice = memory.batch_size_advice(args.batch_size) + (["--device cpu (much slower)"] if on_gpu else [])
     try:
-        report = captioning.caption_dataset(
-            args.dataset_dir, model=args.caption_model, prompt=args.caption_prompt, prefix=args.caption_prefix,
-            max_words=args.caption_max_words, overwrite=args.overwrite_captions, batch_size=args.batch_size,
-            device=device, dtype=dtype)
+        with memory.explain_out_of_memory(device, advice, "captioning"):
+            report = captioning.caption_dataset(
+                args.dataset_dir, model=args.caption_model, prompt=args.caption_prompt, prefix=args.caption_prefix,
+                max_words=args.caption_max_words, overwrite=args.overwrite_captions, batch_size=args.batch_size,
+                device=device, dtype=dtype)
     except captioning.CaptioningError as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever the cause's
         raise SystemExit(2) from None

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from cosmos_t2i import dataset_format as fmt
-from cosmos_t2i import cli, embedding, user_errors
+from cosmos_t2i import cli, embedding, memory, user_errors
 from cosmos_t2i.atomic import require_empty_or_overwrite, staged_folder
 from cosmos_t2i.models import resolve_model
 
@@ -76,6 +76,18 @@ def main(argv=None) -> dict:
         model = resolve_model(args.model) if args.model else None
     except ValueError as error:  # an unknown --model name
         raise user_errors.BadValue(str(error)) from None
+    # A CUDA out-of-memory error ends in one line with the fix; the staged folders are gone by then.
+    with memory.explain_out_of_memory(None, memory.batch_size_advice(args.batch_size), "embedding"):
+        info = _embed(args, model, dataset_dir)
+    logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
+                info["num_unique_captions"], info["text_embed_dim"],
+                ", latents cached" if args.cache_latents else "", dataset_dir / fmt.EMBEDDED_SUBDIR,
+                time.perf_counter() - start)
+    return info
+
+
+def _embed(args, model, dataset_dir: Path) -> dict:
+    """Embed DATASET_DIR's imagefolder (or import --from_nvidia_dir into it); returns embedded/'s info."""
     if args.from_nvidia_dir:
         pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
         require_empty_or_overwrite(dataset_dir, args.overwrite)
@@ -90,10 +102,6 @@ def main(argv=None) -> dict:
         embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
         with staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR) as staging:
             info = embedding.build_embedded(args, model, dataset_dir, staging)
-    logger.info("Wrote %d rows (%d distinct captions, embedding dim %d%s) to %s in %.1f s.", info["num_rows"],
-                info["num_unique_captions"], info["text_embed_dim"],
-                ", latents cached" if args.cache_latents else "", dataset_dir / fmt.EMBEDDED_SUBDIR,
-                time.perf_counter() - start)
     return info
 
 

@@ -307,6 +307,7 @@ def caption_dataset(dataset_dir: str | Path, *, model: str, prompt: str, prefix:
 def _caption_batch(processor, vlm, dataset_dir: Path, names: list[str], prompt: str, tokens: int,
                    failed: dict[str, str]) -> dict[str, str]:
     """Raw answers for the images of `names` that the VLM could caption; the others go into `failed`."""
+    import torch
     from PIL import Image
 
     images = {}
@@ -320,11 +321,13 @@ def _caption_batch(processor, vlm, dataset_dir: Path, names: list[str], prompt: 
         answers = generate(processor, vlm, list(images.values()), prompt, tokens) if images else []
         pairs = zip(images, answers)
     except Exception:
-        # One image can break a whole batch: caption them one by one to find it.
+        # One image can break a whole batch (or the batch not fit in memory): caption them one by one to find it.
         pairs = []
         for name, image in images.items():
             try:
                 pairs.append((name, generate(processor, vlm, [image], prompt, tokens)[0]))
+            except torch.OutOfMemoryError:
+                raise  # not this image's fault: one at a time does not fit, so no image will (caption_dataset.py)
             except Exception as error:
                 failed[name] = f"the VLM failed on it ({type(error).__name__}: {error})"
     result = {}

@@ -69,6 +69,11 @@ def training_advice(args) -> list[str]:
     return advice
 
 
+def batch_size_advice(batch_size: int) -> list[str]:
+    """The data scripts' one lever (embed_captions.py, caption_dataset.py): fewer items per forward."""
+    return [f"a smaller --batch_size (now {batch_size})"] if batch_size > 1 else []
+
+
 def sampling_advice(args) -> list[str]:
     """infer_text2image.py's flags that would lower its memory, cheapest first."""
     advice = []

@@ -241,3 +241,21 @@ def test_compose_caption_continues_the_prefix_and_bounds_the_words():
         PREFIX + "LED strips light a hall.")
     assert captioning.compose_caption(PREFIX, "The scene is set in a factory.", 80) == (
         PREFIX + "the scene is set in a factory.")
+
+
+def test_out_of_memory_even_one_image_at_a_time_stops_the_run_naming_the_fix(tmp_path, monkeypatch):
+    """A batch that does not fit is captioned one image at a time; when one image does not fit either, no image
+    will: the run ends with the memory message instead of marking every image as failed."""
+    import torch
+
+    from cosmos_t2i import memory
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    dataset_dir = _imagefolder(tmp_path / "ds", [""] * 3)
+    before = (dataset_dir / "metadata.jsonl").read_bytes()
+    monkeypatch.setattr(captioning, "generate", out_of_memory)
+    with pytest.raises(memory.OutOfMemory, match=r"while captioning.*--batch_size \(now 2\)"):
+        _caption(dataset_dir)
+    assert (dataset_dir / "metadata.jsonl").read_bytes() == before

@@ -249,3 +249,23 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
             runpy.run_path(str(script), run_name="__main__")
         err = capsys.readouterr().err.strip()
         assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size_and_keeps_the_old_embedding(prepared, monkeypatch, capsys):
+    dataset_dir, info = prepared
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(embedding, "encode_captions", out_of_memory)
+    script = Path(embed_captions.__file__)
+    monkeypatch.setattr(sys, "argv", [str(script), "--dataset_dir", str(dataset_dir), "--model", "tiny",
+                                      "--batch_size", "4"])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().err.strip().splitlines()  # the datasets library's progress bars come first
+    err = lines[-1]
+    assert stopped.value.code == 2 and not any("Traceback" in line for line in lines)
+    assert err.startswith("error: out of GPU memory while embedding") and "--batch_size (now 4)" in err
+    assert fmt.read_info(dataset_dir) == info  # the failed run replaced nothing, and left nothing behind
+    assert sorted(p.name for p in dataset_dir.iterdir() if p.name.startswith(".")) == []
