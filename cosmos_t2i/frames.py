@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import curation, image_modes, input_files
 from .dataset_format import IMAGE_EXTENSIONS
-from .user_errors import BadValue, MissingInput, UserError
+from .user_errors import BadValue, MissingInput, UserError, disk_refusal
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
 JPEG_QUALITY = 95
@@ -139,6 +139,8 @@ def extract(job: tuple[str, str], options: Options) -> Result:
                     result.measured = {name: curation.measure_image_file(Path(options.output_dir) / name)
                                        for name in result.files}
         except Exception as error:  # a worker must survive any single bad file
+            if disk_refusal(error):  # ... but a full disk is no fault of the file: it stops the run
+                raise
             result.error = f"{type(error).__name__}: {error}"
     if result.error or result.too_small:
         for name in result.files:  # a skipped file leaves nothing behind

@@ -249,3 +249,29 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
             runpy.run_path(str(script), run_name="__main__")
         err = capsys.readouterr().err.strip()
         assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err
+
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_old_embedded_dataset(tmp_path, tiny_model_dir):
+    """A file-size limit (ulimit -f) refuses the write as a full disk does: one line, the previous embedded/ kept."""
+    import resource
+    import subprocess
+
+    dataset_dir = _imagefolder(tmp_path / "ds", ["one caption"])
+    embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny"])
+    before = fmt.read_info(dataset_dir)
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(dataset_dir / "img0.jpg", quality=100)  # ~30 KB, embedded into the dataset
+    script = Path(embed_captions.__file__)
+    limit = 16 * 1024
+    process = subprocess.run(
+        [sys.executable, str(script), "--dataset_dir", str(dataset_dir), "--model", "tiny"],
+        cwd=script.parent, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines()[-1].startswith(
+        f"error: Writing the embedded dataset {dataset_dir / 'embedded'} failed (File too large)")
+    assert fmt.read_info(dataset_dir) == before
+    assert sorted(p.name for p in dataset_dir.iterdir()) == ["embedded", "img0.jpg", "metadata.jsonl"]

@@ -341,3 +341,29 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
         assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err, err
         assert len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "in"]
+
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_a_full_disk_stops_the_run_with_one_error_line_and_writes_nothing(tmp_path, num_workers):
+    """A disk that refuses a write is no fault of the input: the run must not skip the files as unreadable and
+    make a smaller dataset. A file-size limit (ulimit -f) refuses writes the way a full disk does."""
+    import resource
+
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "small.jpg")
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(source / "big.png")  # ~49 KB: over the limit below
+    script = Path(prepare_dataset.__file__)
+    limit = 16 * 1024
+    process = subprocess.run(
+        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
+         str(tmp_path / "out"), "--prompt", PROMPT, "--num_workers", num_workers],
+        cwd=script.parent, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 2, process.stderr
+    assert errors == [line for line in process.stderr.splitlines() if "rror" in line] and len(errors) == 1
+    assert f"Writing the dataset {tmp_path / 'out'} failed (File too large)" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
