@@ -367,3 +367,15 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_writes_nothing(tmp_pa
     assert errors == [line for line in process.stderr.splitlines() if "rror" in line] and len(errors) == 1
     assert f"Writing the dataset {tmp_path / 'out'} failed (File too large)" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
+
+
+def test_a_mount_point_as_the_output_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A mount point cannot be replaced by a rename (EBUSY): found before the work, not after it. (A real mount
+    needs root; os.path.ismount says it is one.)"""
+    _jpeg((tmp_path / "in").mkdir() or tmp_path / "in" / "one.jpg")
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == tmp_path / "volume")
+    monkeypatch.setattr(frames, "extract_all", lambda *a, **k: pytest.fail("decoded before checking the output"))
+
+    with pytest.raises(FileExistsError, match=r"is a mount point.*inside it instead, e\.g\. .*volume/dataset"):
+        _prepare(tmp_path / "in", tmp_path / "volume", "--prompt", PROMPT)
