@@ -20,6 +20,7 @@ import torch
 from . import dataset_format as fmt
 from . import memory
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
+from .input_files import read_caption
 from .text_encoding import MAX_LENGTH, encode_captions, tokens_past_max_length
 from .user_errors import BadValue, MissingInput
 
@@ -272,7 +273,7 @@ def write_nvidia_imagefolder(nvidia_dir: str | Path, pairs: list[tuple[Path, Pat
     for image, _ in pairs:
         shutil.copyfile(image, output_dir / image.name)
         meta = metas / f"{image.stem}.txt"
-        text = meta.read_text(encoding="utf-8").strip() if meta.is_file() else ""
+        text = read_caption(meta) if meta.is_file() else ""
         uncaptioned += not text
         records.append({"file_name": image.name, "text": text})
     with open(output_dir / METADATA_FILE, "w", encoding="utf-8") as f:

@@ -111,15 +111,21 @@ def caption_candidates(source: Path, input_dir: Path) -> list[Path]:
     return list(dict.fromkeys([source.with_suffix(CAPTION_SUFFIX), mirrored, metas / f"{source.stem}.txt"]))
 
 
+def read_caption(path: Path) -> str:
+    """The text of caption file `path`, stripped. A byte-order mark (Windows Notepad writes one) is not part of it:
+    it would reach T5 as a character of the caption."""
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise BadValue(f"Caption {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                       "UTF-8.") from None
+
+
 def first_caption(source: Path, input_dir: Path) -> tuple[Path, str] | None:
     """(caption file, its text) of the first candidate with a non-empty text, or None."""
     for candidate in caption_candidates(source, input_dir):
         if candidate.is_file():
-            try:
-                text = candidate.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as error:
-                raise BadValue(f"Caption {candidate} is not UTF-8 text ({error.reason} at byte {error.start}); "
-                               "save it as UTF-8.") from None
+            text = read_caption(candidate)
             if text:
                 return candidate, text
     return None
@@ -135,7 +141,7 @@ def unused_texts(inventory: Inventory, prompt_given: bool) -> list[tuple[str, st
     def why(text: Path) -> str:
         if text not in candidates:
             return "no video or image has this caption's name"
-        if not text.read_text(encoding="utf-8", errors="replace").strip():
+        if not text.read_text(encoding="utf-8-sig", errors="replace").strip():
             return "empty caption"
         return "caption not used: one found earlier (beside the file, then metas/) is used"
 

@@ -275,3 +275,20 @@ def test_a_full_disk_is_one_error_line_and_keeps_the_old_embedded_dataset(tmp_pa
         f"error: Writing the embedded dataset {dataset_dir / 'embedded'} failed (File too large)")
     assert fmt.read_info(dataset_dir) == before
     assert sorted(p.name for p in dataset_dir.iterdir()) == ["embedded", "img0.jpg", "metadata.jsonl"]
+
+
+def test_nvidia_captions_with_a_byte_order_mark_or_not_utf8(tmp_path):
+    nvidia = tmp_path / "nvidia"
+    for folder in ("images", "t5_xxl", "metas"):
+        (nvidia / folder).mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(nvidia / "images" / "a.jpg")
+    with open(nvidia / "t5_xxl" / "a.pickle", "wb") as f:
+        pickle.dump([np.zeros((3, 8), np.float16)], f)
+    (nvidia / "metas" / "a.txt").write_bytes("\ufeffa teal robot".encode("utf-8"))
+    embed_captions.main(["--dataset_dir", str(tmp_path / "out"), "--from_nvidia_dir", str(nvidia)])
+    assert fmt.load_embedded_dataset(tmp_path / "out")["text"] == ["a teal robot"]
+
+    (nvidia / "metas" / "a.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metas/a\.txt is not UTF-8 text.*save it as UTF-8"):
+        embed_captions.main(["--dataset_dir", str(tmp_path / "new"), "--from_nvidia_dir", str(nvidia)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia", "out"]

@@ -344,6 +344,21 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
 
 
 
+def test_a_caption_saved_with_a_byte_order_mark_does_not_start_with_it(tmp_path):
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "a.jpg")
+    (source / "a.txt").write_bytes("\ufeffa teal robot".encode("utf-8"))  # Windows Notepad's "UTF-8"
+    _jpeg(source / "b.jpg", color=(200, 10, 10))
+    (source / "b.txt").write_bytes("\ufeff".encode("utf-8"))  # a mark alone is an empty caption
+    (source / "metas").mkdir()
+    (source / "metas" / "b.txt").write_text("a red square")
+
+    _prepare(source, tmp_path / "out")
+
+    assert _metadata(tmp_path / "out") == [{"file_name": "a.jpg", "text": "a teal robot"},
+                                           {"file_name": "b.jpg", "text": "a red square"}]
+
+
 @pytest.mark.parametrize("num_workers", ["0", "2"])
 def test_a_full_disk_stops_the_run_with_one_error_line_and_writes_nothing(tmp_path, num_workers):
     """A disk that refuses a write is no fault of the input: the run must not skip the files as unreadable and
