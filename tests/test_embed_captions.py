@@ -251,7 +251,6 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
         assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err
 
 
-
 def test_a_full_disk_is_one_error_line_and_keeps_the_old_embedded_dataset(tmp_path, tiny_model_dir):
     """A file-size limit (ulimit -f) refuses the write as a full disk does: one line, the previous embedded/ kept."""
     import resource

@@ -343,7 +343,6 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "in"]
 
 
-
 def test_a_caption_saved_with_a_byte_order_mark_does_not_start_with_it(tmp_path):
     source = tmp_path / "in"
     _jpeg(source.mkdir() or source / "a.jpg")
@@ -357,6 +356,23 @@ def test_a_caption_saved_with_a_byte_order_mark_does_not_start_with_it(tmp_path)
 
     assert _metadata(tmp_path / "out") == [{"file_name": "a.jpg", "text": "a teal robot"},
                                            {"file_name": "b.jpg", "text": "a red square"}]
+
+
+def test_names_too_long_for_a_file_are_shortened_not_skipped(tmp_path):
+    source = tmp_path / "in"
+    deep = source / ("d" * 200)
+    _jpeg(deep.mkdir(parents=True) or deep / ("f" * 200 + ".jpg"))  # cam folders fold into one 400-byte name
+    _clip(source / ("v" * 250 + ".mp4"), num_frames=3)  # + "_f000000.jpg" is over 255 bytes
+    _jpeg(source / ("é" * 120 + ".jpg"), color=(200, 10, 10))  # 240 bytes: fits, as it is
+
+    report = _prepare(source, tmp_path / "out", "--prompt", PROMPT)
+
+    assert report.skipped == [] and report.frames_written == 3
+    names = [row["file_name"] for row in _metadata(tmp_path / "out")]
+    assert "é" * 120 + ".jpg" in names
+    assert all(len(name.encode()) <= 255 for name in names)
+    stems = frames.output_stems([deep / ("f" * 200 + ".jpg"), deep / ("f" * 199 + "g.jpg")], source)
+    assert len(set(stems.values())) == 2  # same start, told apart by the hash
 
 
 @pytest.mark.parametrize("num_workers", ["0", "2"])
