@@ -390,7 +390,7 @@ def test_a_full_disk_stops_the_run_with_one_error_line_and_writes_nothing(tmp_pa
     process = subprocess.run(
         [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
          str(tmp_path / "out"), "--prompt", PROMPT, "--num_workers", num_workers],
-        cwd=script.parent, capture_output=True, text=True, timeout=120,
+        cwd=script.parent, capture_output=True, text=True, timeout=120, check=False,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
 
     errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
