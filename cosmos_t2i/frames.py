@@ -353,6 +353,20 @@ def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int,
     return results, report
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker once the main process `parent` is gone. A worker outlives a main process
+    killed with -9 (it waits for its next file on a pipe whose writing end it holds itself): idle for ever, or still
+    writing into a staging folder that the next run removes."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _decoded(jobs: list[tuple[str, str]], options: Options, num_workers: int, input_dir):
     """`extract` of every job, in the order they finish.
 
@@ -378,7 +392,8 @@ def _decoded(jobs: list[tuple[str, str]], options: Options, num_workers: int, in
 
     with contextlib.ExitStack() as stack:
         for _ in range(min(num_workers, len(jobs))):
-            give_next(stack.enter_context(concurrent.futures.ProcessPoolExecutor(1, mp_context=context)))
+            give_next(stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),))))
         while running:
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:

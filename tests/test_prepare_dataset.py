@@ -278,8 +278,8 @@ def _children(pid):
     return children
 
 
-def _kill_the_process_reading(parent, file_name, timeout=120):
-    """SIGKILL the child of `parent` that has `file_name` open (what the OOM killer does); its pid."""
+def _the_process_reading(parent, file_name, timeout=120):
+    """The pid of the child of `parent` that has `file_name` open."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in _children(parent):
@@ -288,10 +288,24 @@ def _kill_the_process_reading(parent, file_name, timeout=120):
             except OSError:
                 continue
             if any(path.endswith(file_name) for path in opened):
-                os.kill(child, signal.SIGKILL)
                 return child
         time.sleep(0.005)
     pytest.fail(f"no worker of {parent} opened {file_name}")
+
+
+def _kill_the_process_reading(parent, file_name, timeout=120):
+    """SIGKILL the child of `parent` that has `file_name` open (what the OOM killer does); its pid."""
+    child = _the_process_reading(parent, file_name, timeout)
+    os.kill(child, signal.SIGKILL)
+    return child
+
+
+def _running(pid):
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
@@ -316,6 +330,32 @@ def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
     assert process.returncode == 1, stderr
     assert "error: The decoding worker for long.mp4 died" in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
+def test_decoding_workers_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 (or the OOM killer) of the main process: its workers must not live on, idle forever or still writing
+    into the staging folder that the next run removes."""
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "still.jpg")
+    write_sample_clip(source / "long.mp4", num_frames=150, width=320, height=240)
+    script = Path(prepare_dataset.__file__)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
+         str(tmp_path / "out"), "--prompt", PROMPT, "--stride", "1", "--num_workers", "2"],
+        cwd=script.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        worker = _the_process_reading(process.pid, "long.mp4")
+        workers = _children(process.pid)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker in workers and not [pid for pid in workers if _running(pid)]
+    finally:
+        for pid in _children(process.pid) + [p for p in locals().get("workers", []) if _running(p)]:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
