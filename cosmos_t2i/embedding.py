@@ -47,6 +47,9 @@ def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_col
 
     dataset_dir = Path(dataset_dir)
     require_imagefolder(dataset_dir)
+    # Checked first: what `datasets` makes of a bad or empty metadata.jsonl is a traceback (or an IndexError).
+    if (dataset_dir / METADATA_FILE).is_file() and not fmt.read_metadata(dataset_dir):
+        raise BadValue(f"{dataset_dir / METADATA_FILE} lists no image; re-run prepare_dataset.py.")
     dataset = datasets.load_dataset("imagefolder", data_dir=str(dataset_dir), split="train",
                                     cache_dir=str(cache_dir))
     if caption_column not in dataset.column_names:

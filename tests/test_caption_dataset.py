@@ -241,3 +241,14 @@ def test_compose_caption_continues_the_prefix_and_bounds_the_words():
         PREFIX + "LED strips light a hall.")
     assert captioning.compose_caption(PREFIX, "The scene is set in a factory.", 80) == (
         PREFIX + "the scene is set in a factory.")
+
+
+def test_a_hand_edited_metadata_file_saved_as_latin1_or_with_a_bom(tmp_path, capsys):
+    dataset_dir = _imagefolder(tmp_path / "ds", ["x"])
+    (dataset_dir / "metadata.jsonl").write_bytes('{"file_name": "frame0.jpg", "text": "un café"}\n'.encode("latin-1"))
+    err = _error_line(capsys, dataset_dir, "tiny")
+    assert "metadata.jsonl is not UTF-8 text" in err and "save it as UTF-8" in err
+
+    (dataset_dir / "metadata.jsonl").write_bytes('\ufeff{"file_name": "frame0.jpg", "text": "kept"}\n'.encode())
+    report = _caption(dataset_dir)  # a BOM is read past, as `datasets` reads past it when embedding
+    assert report.kept == ["frame0.jpg"]

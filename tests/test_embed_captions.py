@@ -291,3 +291,18 @@ def test_nvidia_captions_with_a_byte_order_mark_or_not_utf8(tmp_path):
     with pytest.raises(ValueError, match=r"metas/a\.txt is not UTF-8 text.*save it as UTF-8"):
         embed_captions.main(["--dataset_dir", str(tmp_path / "new"), "--from_nvidia_dir", str(nvidia)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia", "out"]
+
+
+def test_an_empty_or_latin1_metadata_file_is_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    script = Path(embed_captions.__file__)
+    dataset_dir = _imagefolder(tmp_path / "ds", ["x"])
+    cases = [(b"", "metadata.jsonl lists no image"),
+             ('{"file_name": "img0.jpg", "text": "un café"}\n'.encode("latin-1"), "metadata.jsonl is not UTF-8 text")]
+    for content, fix in cases:
+        (dataset_dir / "metadata.jsonl").write_bytes(content)
+        monkeypatch.setattr(sys, "argv", [str(script), "--dataset_dir", str(dataset_dir), "--model", "tiny"])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(script), run_name="__main__")
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err, err
+    assert sorted(p.name for p in dataset_dir.iterdir()) == ["img0.jpg", "metadata.jsonl"]
