@@ -101,6 +101,9 @@ def staged_folder(target: str | os.PathLike, keep_existing: bool = False):
     `keep_existing`: a `target` that appeared meanwhile wins (another process built the same thing).
     """
     target = Path(target).absolute()
+    if os.path.ismount(target):  # found now, not by the rename at the end (EBUSY), after all the work
+        raise ExistingOutput(f"{target} is a mount point: a finished folder cannot be renamed onto it. Write into a "
+                             f"new folder inside it instead, e.g. {target / 'dataset'}.")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")

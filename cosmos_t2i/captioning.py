@@ -90,18 +90,10 @@ def read_metadata(dataset_dir: Path) -> list[dict]:
             f"{path} does not exist: --dataset_dir must be an imagefolder made by prepare_dataset.py "
             f"(`python prepare_dataset.py --input_dataset_dir VIDEOS --output_dataset_dir {dataset_dir}`)."
         )
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CaptioningError(f"{path} line {number} is not JSON ({error}); re-run prepare_dataset.py.")
-        if "file_name" not in row:
-            raise CaptioningError(f"{path} line {number} has no file_name; re-run prepare_dataset.py.")
-        rows.append(row)
-    return rows
+    try:
+        return fmt.read_metadata(dataset_dir)
+    except fmt.BadValue as error:
+        raise CaptioningError(str(error)) from None
 
 
 def write_metadata(dataset_dir: Path, rows: list[dict]) -> None:

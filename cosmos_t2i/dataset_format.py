@@ -45,6 +45,28 @@ def read_info(dataset_dir: str | Path) -> dict:
     return json.loads((embedded_dir(dataset_dir) / INFO_FILE).read_text())
 
 
+def read_metadata(dataset_dir: str | Path) -> list[dict]:
+    """The rows of DATASET_DIR/metadata.jsonl, checked: a hand-edited file (saved as Latin-1, a line cut short)
+    is named with the line at fault. A byte-order mark is accepted, as `datasets` accepts it."""
+    path = Path(dataset_dir) / METADATA_FILE
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise BadValue(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8.") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BadValue(f"{path} line {number} is not JSON ({error}); re-run prepare_dataset.py.") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise BadValue(f"{path} line {number} has no file_name; re-run prepare_dataset.py.")
+        rows.append(row)
+    return rows
+
+
 def load_embedded_dataset(dataset_dir: str | Path):
     """Load the dataset training reads, with errors that say which command to run when it is not there."""
     import datasets

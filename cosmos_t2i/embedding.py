@@ -20,6 +20,7 @@ import torch
 from . import dataset_format as fmt
 from . import memory
 from .dataset_format import IMAGE_EXTENSIONS, METADATA_FILE
+from .input_files import read_caption
 from .text_encoding import MAX_LENGTH, encode_captions, tokens_past_max_length
 from .user_errors import BadValue, MissingInput
 
@@ -46,6 +47,9 @@ def load_imagefolder(dataset_dir: str | Path, cache_dir: str | Path, caption_col
 
     dataset_dir = Path(dataset_dir)
     require_imagefolder(dataset_dir)
+    # Checked first: what `datasets` makes of a bad or empty metadata.jsonl is a traceback (or an IndexError).
+    if (dataset_dir / METADATA_FILE).is_file() and not fmt.read_metadata(dataset_dir):
+        raise BadValue(f"{dataset_dir / METADATA_FILE} lists no image; re-run prepare_dataset.py.")
     dataset = datasets.load_dataset("imagefolder", data_dir=str(dataset_dir), split="train",
                                     cache_dir=str(cache_dir))
     if caption_column not in dataset.column_names:
@@ -272,7 +276,7 @@ def write_nvidia_imagefolder(nvidia_dir: str | Path, pairs: list[tuple[Path, Pat
     for image, _ in pairs:
         shutil.copyfile(image, output_dir / image.name)
         meta = metas / f"{image.stem}.txt"
-        text = meta.read_text(encoding="utf-8").strip() if meta.is_file() else ""
+        text = read_caption(meta) if meta.is_file() else ""
         uncaptioned += not text
         records.append({"file_name": image.name, "text": text})
     with open(output_dir / METADATA_FILE, "w", encoding="utf-8") as f:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import curation, image_modes, input_files
 from .dataset_format import IMAGE_EXTENSIONS
-from .user_errors import BadValue, MissingInput, UserError
+from .user_errors import BadValue, MissingInput, UserError, disk_refusal
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
 JPEG_QUALITY = 95
@@ -139,6 +139,8 @@ def extract(job: tuple[str, str], options: Options) -> Result:
                     result.measured = {name: curation.measure_image_file(Path(options.output_dir) / name)
                                        for name in result.files}
         except Exception as error:  # a worker must survive any single bad file
+            if disk_refusal(error):  # ... but a full disk is no fault of the file: it stops the run
+                raise
             result.error = f"{type(error).__name__}: {error}"
     if result.error or result.too_small:
         for name in result.files:  # a skipped file leaves nothing behind
@@ -351,6 +353,20 @@ def extract_all(jobs: list[tuple[str, str]], options: Options, num_workers: int,
     return results, report
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker once the main process `parent` is gone. A worker outlives a main process
+    killed with -9 (it waits for its next file on a pipe whose writing end it holds itself): idle for ever, or still
+    writing into a staging folder that the next run removes."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _decoded(jobs: list[tuple[str, str]], options: Options, num_workers: int, input_dir):
     """`extract` of every job, in the order they finish.
 
@@ -376,7 +392,8 @@ def _decoded(jobs: list[tuple[str, str]], options: Options, num_workers: int, in
 
     with contextlib.ExitStack() as stack:
         for _ in range(min(num_workers, len(jobs))):
-            give_next(stack.enter_context(concurrent.futures.ProcessPoolExecutor(1, mp_context=context)))
+            give_next(stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),))))
         while running:
             done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:

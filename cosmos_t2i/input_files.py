@@ -11,6 +11,7 @@ input on a rerun).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from collections import defaultdict
@@ -22,6 +23,10 @@ CAPTION_SUFFIX = ".txt"
 # NVIDIA's layouts keep videos and images in these top-level folders; a file there keeps its bare name.
 NVIDIA_FOLDERS = ("videos", "images")
 FOLDER_SEPARATOR = "__"  # cam1/a.jpg -> cam1__a.jpg
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, btrfs, APFS)
+# What is written after a stem: ".png" / ".jpg" for an image, "_f000030.jpg" for a video frame.
+IMAGE_TAIL, VIDEO_TAIL = len(".png"), len("_f000000.jpg")
+HASH_CHARS = 10  # of a shortened name's sha256: what tells two long names with the same start apart
 
 
 @dataclasses.dataclass
@@ -111,15 +116,21 @@ def caption_candidates(source: Path, input_dir: Path) -> list[Path]:
     return list(dict.fromkeys([source.with_suffix(CAPTION_SUFFIX), mirrored, metas / f"{source.stem}.txt"]))
 
 
+def read_caption(path: Path) -> str:
+    """The text of caption file `path`, stripped. A byte-order mark (Windows Notepad writes one) is not part of it:
+    it would reach T5 as a character of the caption."""
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise BadValue(f"Caption {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                       "UTF-8.") from None
+
+
 def first_caption(source: Path, input_dir: Path) -> tuple[Path, str] | None:
     """(caption file, its text) of the first candidate with a non-empty text, or None."""
     for candidate in caption_candidates(source, input_dir):
         if candidate.is_file():
-            try:
-                text = candidate.read_text(encoding="utf-8").strip()
-            except UnicodeDecodeError as error:
-                raise BadValue(f"Caption {candidate} is not UTF-8 text ({error.reason} at byte {error.start}); "
-                               "save it as UTF-8.") from None
+            text = read_caption(candidate)
             if text:
                 return candidate, text
     return None
@@ -135,7 +146,7 @@ def unused_texts(inventory: Inventory, prompt_given: bool) -> list[tuple[str, st
     def why(text: Path) -> str:
         if text not in candidates:
             return "no video or image has this caption's name"
-        if not text.read_text(encoding="utf-8", errors="replace").strip():
+        if not text.read_text(encoding="utf-8-sig", errors="replace").strip():
             return "empty caption"
         return "caption not used: one found earlier (beside the file, then metas/) is used"
 
@@ -154,13 +165,15 @@ def unique_stems(paths: list[PurePath], is_video) -> dict[PurePath, str]:
     flat layouts keep their bare names. Paths whose names clash take longer ones until none does: + extension
     (`a_mp4`), + the full relative path, + the input's index. The last level cannot clash with itself (two names
     ending in `_<index>` with different indices differ; a video frame's ends in `_f<digits>`), so this ends.
-    Clashes are checked without case, so the dataset can be copied to a case-insensitive disk.
+    Clashes are checked without case, so the dataset can be copied to a case-insensitive disk. A name longer than a
+    file name may be (NAME_MAX bytes, deep folders folded in) keeps its start and a hash of the whole (_fit).
     """
     paths = sorted(paths)
     index = {p: i for i, p in enumerate(paths)}
     levels = dict.fromkeys(paths, 0)
     while True:
-        names = {p: _stem_at_level(p, levels[p], index[p]) for p in paths}
+        names = {p: _stem_at_level(p, levels[p], index[p], VIDEO_TAIL if is_video(p) else IMAGE_TAIL)
+                 for p in paths}
         clashing = _clashing(names, is_video)
         if not clashing:
             return names
@@ -173,10 +186,22 @@ def _short_parts(path: PurePath) -> PurePath:
     return PurePath(*parts[1:]) if len(parts) > 1 and parts[0] in NVIDIA_FOLDERS else path
 
 
-def _stem_at_level(path: PurePath, level: int, index: int) -> str:
+def _stem_at_level(path: PurePath, level: int, index: int, tail: int) -> str:
+    """The stem at `level`, short enough that the file written (`tail` more bytes) fits a file name."""
     folded = FOLDER_SEPARATOR.join((_short_parts(path) if level < 2 else path).with_suffix("").parts)
     extension = path.suffix.lower().lstrip(".")
-    return [folded, f"{folded}_{extension}", f"{folded}_{extension}", f"{folded}_{extension}_{index}"][level]
+    ending = ["", f"_{extension}", f"_{extension}", f"_{extension}_{index}"][level]
+    return _fit(folded, NAME_MAX - tail - len(ending)) + ending
+
+
+def _fit(stem: str, limit: int) -> str:
+    """`stem` if it has at most `limit` bytes (UTF-8), else its start and a hash of all of it, `limit` bytes in all:
+    a long name, or folders folded into one, would otherwise fail to be written."""
+    encoded = stem.encode()
+    if len(encoded) <= limit:
+        return stem
+    digest = hashlib.sha256(encoded).hexdigest()[:HASH_CHARS]
+    return encoded[:limit - HASH_CHARS - 1].decode(errors="ignore") + "~" + digest
 
 
 def _clashing(names: dict[PurePath, str], is_video) -> set[PurePath]:

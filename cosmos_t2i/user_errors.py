@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 
 
@@ -52,6 +53,34 @@ def unreadable_file(what: str, errors: tuple[type[BaseException], ...] = (OSErro
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UnreadableInput(f"{what} cannot be read ({reason}). It is damaged or incomplete (an interrupted copy, "
                               "download or save?): copy it again, or pass another one.") from error
+
+
+# The disk, not the input: no space, a quota, a file-size limit (ulimit -f), a read-only mount.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def disk_refusal(error: BaseException) -> OSError | None:
+    """The OSError in `error`'s cause chain that says the disk refused a write (OUTPUT_ERRNOS), or None. The chain
+    is searched: pyarrow and Pillow raise an error of their own while closing a file the disk refused."""
+    from .hub_errors import find_in_chain
+
+    return find_in_chain(error, lambda e: isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS)
+
+
+@contextlib.contextmanager
+def writing_output(what: str):
+    """A disk that refuses a write (full, a quota, ulimit -f, read-only) inside the block becomes one OutputFailed
+    line naming `what`. Other errors pass unchanged, so that a bad input is still named as such."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        refusal = disk_refusal(error)
+        if refusal is None:
+            raise
+        raise OutputFailed(f"Writing {what} failed ({refusal.strerror}); nothing of it was kept. Free space there "
+                           "(or write elsewhere) and run the same command again.") from error
 
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)

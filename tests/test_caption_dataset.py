@@ -259,3 +259,14 @@ def test_out_of_memory_even_one_image_at_a_time_stops_the_run_naming_the_fix(tmp
     with pytest.raises(memory.OutOfMemory, match=r"while captioning.*--batch_size \(now 2\)"):
         _caption(dataset_dir)
     assert (dataset_dir / "metadata.jsonl").read_bytes() == before
+
+
+def test_a_hand_edited_metadata_file_saved_as_latin1_or_with_a_bom(tmp_path, capsys):
+    dataset_dir = _imagefolder(tmp_path / "ds", ["x"])
+    (dataset_dir / "metadata.jsonl").write_bytes('{"file_name": "frame0.jpg", "text": "un café"}\n'.encode("latin-1"))
+    err = _error_line(capsys, dataset_dir, "tiny")
+    assert "metadata.jsonl is not UTF-8 text" in err and "save it as UTF-8" in err
+
+    (dataset_dir / "metadata.jsonl").write_bytes('\ufeff{"file_name": "frame0.jpg", "text": "kept"}\n'.encode())
+    report = _caption(dataset_dir)  # a BOM is read past, as `datasets` reads past it when embedding
+    assert report.kept == ["frame0.jpg"]

@@ -269,3 +269,60 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_keeps_the_old_embed
     assert err.startswith("error: out of GPU memory while embedding") and "--batch_size (now 4)" in err
     assert fmt.read_info(dataset_dir) == info  # the failed run replaced nothing, and left nothing behind
     assert sorted(p.name for p in dataset_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_old_embedded_dataset(tmp_path, tiny_model_dir):
+    """A file-size limit (ulimit -f) refuses the write as a full disk does: one line, the previous embedded/ kept."""
+    import resource
+    import subprocess
+
+    dataset_dir = _imagefolder(tmp_path / "ds", ["one caption"])
+    embed_captions.main(["--dataset_dir", str(dataset_dir), "--model", "tiny"])
+    before = fmt.read_info(dataset_dir)
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(dataset_dir / "img0.jpg", quality=100)  # ~30 KB, embedded into the dataset
+    script = Path(embed_captions.__file__)
+    limit = 16 * 1024
+    process = subprocess.run(
+        [sys.executable, str(script), "--dataset_dir", str(dataset_dir), "--model", "tiny"],
+        cwd=script.parent, capture_output=True, text=True, timeout=120, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+    assert process.returncode == 2, process.stderr
+    assert "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines()[-1].startswith(
+        f"error: Writing the embedded dataset {dataset_dir / 'embedded'} failed (File too large)")
+    assert fmt.read_info(dataset_dir) == before
+    assert sorted(p.name for p in dataset_dir.iterdir()) == ["embedded", "img0.jpg", "metadata.jsonl"]
+
+
+def test_nvidia_captions_with_a_byte_order_mark_or_not_utf8(tmp_path):
+    nvidia = tmp_path / "nvidia"
+    for folder in ("images", "t5_xxl", "metas"):
+        (nvidia / folder).mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(nvidia / "images" / "a.jpg")
+    with open(nvidia / "t5_xxl" / "a.pickle", "wb") as f:
+        pickle.dump([np.zeros((3, 8), np.float16)], f)
+    (nvidia / "metas" / "a.txt").write_bytes("\ufeffa teal robot".encode("utf-8"))
+    embed_captions.main(["--dataset_dir", str(tmp_path / "out"), "--from_nvidia_dir", str(nvidia)])
+    assert fmt.load_embedded_dataset(tmp_path / "out")["text"] == ["a teal robot"]
+
+    (nvidia / "metas" / "a.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metas/a\.txt is not UTF-8 text.*save it as UTF-8"):
+        embed_captions.main(["--dataset_dir", str(tmp_path / "new"), "--from_nvidia_dir", str(nvidia)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nvidia", "out"]
+
+
+def test_an_empty_or_latin1_metadata_file_is_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    script = Path(embed_captions.__file__)
+    dataset_dir = _imagefolder(tmp_path / "ds", ["x"])
+    cases = [(b"", "metadata.jsonl lists no image"),
+             ('{"file_name": "img0.jpg", "text": "un café"}\n'.encode("latin-1"), "metadata.jsonl is not UTF-8 text")]
+    for content, fix in cases:
+        (dataset_dir / "metadata.jsonl").write_bytes(content)
+        monkeypatch.setattr(sys, "argv", [str(script), "--dataset_dir", str(dataset_dir), "--model", "tiny"])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(script), run_name="__main__")
+        err = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err, err
+    assert sorted(p.name for p in dataset_dir.iterdir()) == ["img0.jpg", "metadata.jsonl"]

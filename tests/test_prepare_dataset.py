@@ -278,8 +278,8 @@ def _children(pid):
     return children
 
 
-def _kill_the_process_reading(parent, file_name, timeout=120):
-    """SIGKILL the child of `parent` that has `file_name` open (what the OOM killer does); its pid."""
+def _the_process_reading(parent, file_name, timeout=120):
+    """The pid of the child of `parent` that has `file_name` open."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in _children(parent):
@@ -288,10 +288,24 @@ def _kill_the_process_reading(parent, file_name, timeout=120):
             except OSError:
                 continue
             if any(path.endswith(file_name) for path in opened):
-                os.kill(child, signal.SIGKILL)
                 return child
         time.sleep(0.005)
     pytest.fail(f"no worker of {parent} opened {file_name}")
+
+
+def _kill_the_process_reading(parent, file_name, timeout=120):
+    """SIGKILL the child of `parent` that has `file_name` open (what the OOM killer does); its pid."""
+    child = _the_process_reading(parent, file_name, timeout)
+    os.kill(child, signal.SIGKILL)
+    return child
+
+
+def _running(pid):
+    """Whether `pid` is a live process (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
@@ -318,6 +332,32 @@ def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
+def test_decoding_workers_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 (or the OOM killer) of the main process: its workers must not live on, idle forever or still writing
+    into the staging folder that the next run removes."""
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "still.jpg")
+    write_sample_clip(source / "long.mp4", num_frames=150, width=320, height=240)
+    script = Path(prepare_dataset.__file__)
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
+         str(tmp_path / "out"), "--prompt", PROMPT, "--stride", "1", "--num_workers", "2"],
+        cwd=script.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        worker = _the_process_reading(process.pid, "long.mp4")
+        workers = _children(process.pid)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker in workers and not [pid for pid in workers if _running(pid)]
+    finally:
+        for pid in _children(process.pid) + [p for p in locals().get("workers", []) if _running(p)]:
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
     script = Path(prepare_dataset.__file__)
     _jpeg((tmp_path / "in").mkdir() or tmp_path / "in" / "uncaptioned.jpg")
@@ -341,3 +381,72 @@ def test_user_mistakes_print_one_error_line_and_exit_2(tmp_path, monkeypatch, ca
         assert stopped.value.code == 2 and err.startswith("error: ") and fix in err and "Traceback" not in err, err
         assert len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "in"]
+
+
+def test_a_caption_saved_with_a_byte_order_mark_does_not_start_with_it(tmp_path):
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "a.jpg")
+    (source / "a.txt").write_bytes("\ufeffa teal robot".encode("utf-8"))  # Windows Notepad's "UTF-8"
+    _jpeg(source / "b.jpg", color=(200, 10, 10))
+    (source / "b.txt").write_bytes("\ufeff".encode("utf-8"))  # a mark alone is an empty caption
+    (source / "metas").mkdir()
+    (source / "metas" / "b.txt").write_text("a red square")
+
+    _prepare(source, tmp_path / "out")
+
+    assert _metadata(tmp_path / "out") == [{"file_name": "a.jpg", "text": "a teal robot"},
+                                           {"file_name": "b.jpg", "text": "a red square"}]
+
+
+def test_names_too_long_for_a_file_are_shortened_not_skipped(tmp_path):
+    source = tmp_path / "in"
+    deep = source / ("d" * 200)
+    _jpeg(deep.mkdir(parents=True) or deep / ("f" * 200 + ".jpg"))  # cam folders fold into one 400-byte name
+    _clip(source / ("v" * 250 + ".mp4"), num_frames=3)  # + "_f000000.jpg" is over 255 bytes
+    _jpeg(source / ("é" * 120 + ".jpg"), color=(200, 10, 10))  # 240 bytes: fits, as it is
+
+    report = _prepare(source, tmp_path / "out", "--prompt", PROMPT)
+
+    assert report.skipped == [] and report.frames_written == 3
+    names = [row["file_name"] for row in _metadata(tmp_path / "out")]
+    assert "é" * 120 + ".jpg" in names
+    assert all(len(name.encode()) <= 255 for name in names)
+    stems = frames.output_stems([deep / ("f" * 200 + ".jpg"), deep / ("f" * 199 + "g.jpg")], source)
+    assert len(set(stems.values())) == 2  # same start, told apart by the hash
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_a_full_disk_stops_the_run_with_one_error_line_and_writes_nothing(tmp_path, num_workers):
+    """A disk that refuses a write is no fault of the input: the run must not skip the files as unreadable and
+    make a smaller dataset. A file-size limit (ulimit -f) refuses writes the way a full disk does."""
+    import resource
+
+    source = tmp_path / "in"
+    _jpeg(source.mkdir() or source / "small.jpg")
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(source / "big.png")  # ~49 KB: over the limit below
+    script = Path(prepare_dataset.__file__)
+    limit = 16 * 1024
+    process = subprocess.run(
+        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
+         str(tmp_path / "out"), "--prompt", PROMPT, "--num_workers", num_workers],
+        cwd=script.parent, capture_output=True, text=True, timeout=120, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+
+    errors = [line for line in process.stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 2, process.stderr
+    assert errors == [line for line in process.stderr.splitlines() if "rror" in line] and len(errors) == 1
+    assert f"Writing the dataset {tmp_path / 'out'} failed (File too large)" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written, no staging folder left
+
+
+def test_a_mount_point_as_the_output_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A mount point cannot be replaced by a rename (EBUSY): found before the work, not after it. (A real mount
+    needs root; os.path.ismount says it is one.)"""
+    _jpeg((tmp_path / "in").mkdir() or tmp_path / "in" / "one.jpg")
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == tmp_path / "volume")
+    monkeypatch.setattr(frames, "extract_all", lambda *a, **k: pytest.fail("decoded before checking the output"))
+
+    with pytest.raises(FileExistsError, match=r"is a mount point.*inside it instead, e\.g\. .*volume/dataset"):
+        _prepare(tmp_path / "in", tmp_path / "volume", "--prompt", PROMPT)
