@@ -308,17 +308,22 @@ def _running(pid):
         return False
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
-def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
+def _prepare_a_long_clip(tmp_path, **popen):
+    """prepare_dataset.py with two workers, in its own session, on a still and a long clip: at 150 frames and
+    stride 1 the worker holds the video open for a second or more, long enough to be found."""
     source = tmp_path / "in"
     _jpeg(source.mkdir() or source / "still.jpg")
-    # 150 frames at stride 1: the worker holds the video open for a second or more, long enough to be found.
     write_sample_clip(source / "long.mp4", num_frames=150, width=320, height=240)
     script = Path(prepare_dataset.__file__)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
          str(tmp_path / "out"), "--prompt", PROMPT, "--stride", "1", "--num_workers", "2"],
-        cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=script.parent, start_new_session=True, **popen)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the worker through Linux's /proc")
+def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
+    process = _prepare_a_long_clip(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _kill_the_process_reading(process.pid, "long.mp4")
         _, stderr = process.communicate(timeout=60)
@@ -336,14 +341,7 @@ def test_a_decoding_worker_that_dies_ends_the_run_naming_its_file(tmp_path):
 def test_decoding_workers_end_when_the_main_process_is_killed(tmp_path):
     """kill -9 (or the OOM killer) of the main process: its workers must not live on, idle forever or still writing
     into the staging folder that the next run removes."""
-    source = tmp_path / "in"
-    _jpeg(source.mkdir() or source / "still.jpg")
-    write_sample_clip(source / "long.mp4", num_frames=150, width=320, height=240)
-    script = Path(prepare_dataset.__file__)
-    process = subprocess.Popen(
-        [sys.executable, str(script), "--input_dataset_dir", str(source), "--output_dataset_dir",
-         str(tmp_path / "out"), "--prompt", PROMPT, "--stride", "1", "--num_workers", "2"],
-        cwd=script.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = _prepare_a_long_clip(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         worker = _the_process_reading(process.pid, "long.mp4")
         workers = _children(process.pid)
