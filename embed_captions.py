@@ -92,7 +92,7 @@ def _embed(args, model, dataset_dir: Path) -> dict:
         pairs = embedding.nvidia_pairs(args.from_nvidia_dir)
         require_empty_or_overwrite(dataset_dir, args.overwrite)
         # One staging folder for the imagefolder and its embedded/: both appear together or not at all.
-        with user_errors.writing_output(f"the dataset {dataset_dir}"), staged_folder(dataset_dir) as staging:
+        with staged_folder(dataset_dir, what="the dataset") as staging:
             uncaptioned = embedding.write_nvidia_imagefolder(args.from_nvidia_dir, pairs, staging)
             if uncaptioned:
                 logger.warning("%d of %d images have no metas/<stem>.txt caption; their text is empty.",
@@ -100,8 +100,7 @@ def _embed(args, model, dataset_dir: Path) -> dict:
             info = embedding.build_embedded(args, model, staging, staging / fmt.EMBEDDED_SUBDIR)
     else:
         embedding.require_imagefolder(dataset_dir)  # before staging, which would create the folder
-        output = dataset_dir / fmt.EMBEDDED_SUBDIR
-        with user_errors.writing_output(f"the embedded dataset {output}"), staged_folder(output) as staging:
+        with staged_folder(dataset_dir / fmt.EMBEDDED_SUBDIR, what="the embedded dataset") as staging:
             info = embedding.build_embedded(args, model, dataset_dir, staging)
     return info
 

@@ -123,9 +123,8 @@ def main(argv=None) -> frames.Report:
 
     # A dry run decodes into a scratch folder that is removed; a real one into the staging folder.
     folder = (tempfile.TemporaryDirectory(prefix="prepare_dataset_dry_run-") if args.dry_run
-              else staged_folder(output_dir))
-    where = "the dry run's scratch folder" if args.dry_run else f"the dataset {output_dir}"
-    with user_errors.writing_output(where), folder as staging:
+              else staged_folder(output_dir, what="the dataset"))
+    with folder as staging:
         staging = Path(staging)
         options = frames.Options(str(staging), args.stride, args.max_frames_per_video, args.min_side, filters,
                                  write_frames=not args.dry_run)

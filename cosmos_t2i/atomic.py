@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .user_errors import ExistingOutput
+from .user_errors import ExistingOutput, writing_output
 
 
 @contextlib.contextmanager
@@ -93,12 +93,14 @@ def fsync_tree(root: str | os.PathLike, files: bool = True, dirs: bool = True) -
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike, keep_existing: bool = False):
+def staged_folder(target: str | os.PathLike, keep_existing: bool = False, what: str = "the folder"):
     """Yield an empty staging folder beside `target`; when the block succeeds, it replaces `target`.
 
     The old `target` (if any) stays untouched until the new one is complete, so an interrupted run leaves either
     the previous folder or none, never a partial one that loads. Staging folders of dead runs are removed.
     `keep_existing`: a `target` that appeared meanwhile wins (another process built the same thing).
+    A disk that refuses a write in the block (full, a quota, ulimit -f, read-only) ends it in one OutputFailed line
+    naming `what` and `target` (user_errors.writing_output).
     """
     target = Path(target).absolute()
     if os.path.ismount(target):  # found now, not by the rename at the end (EBUSY), after all the work
@@ -110,9 +112,10 @@ def staged_folder(target: str | os.PathLike, keep_existing: bool = False):
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        yield staging
-        if not (keep_existing and target.exists()):
-            replace_folder(staging, target, aside=target.with_name(f".{target.name}.old-{os.getpid()}"))
+        with writing_output(f"{what} {target}"):
+            yield staging
+            if not (keep_existing and target.exists()):
+                replace_folder(staging, target, aside=target.with_name(f".{target.name}.old-{os.getpid()}"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

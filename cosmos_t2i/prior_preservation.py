@@ -234,7 +234,7 @@ def embed_class_images(model, model_name: str, folder: Path, class_prompt: str, 
     logger.info("Embedding %d class images of %s", len(images), folder)
     options = SimpleNamespace(model=model_name, batch_size=EMBED_BATCH_SIZE, cache_latents=True, dtype=t5_dtype,
                               caption_column=fmt.TEXT_COLUMN, from_nvidia_dir=None)
-    with staged_folder(folder / fmt.EMBEDDED_SUBDIR) as staging:
+    with staged_folder(folder / fmt.EMBEDDED_SUBDIR, what="the class images' embedded dataset") as staging:
         info = embedding.build_embedded(options, model, folder, staging)
         embedding.write_info(staging, {**info, MANIFEST_KEY: manifest})
 

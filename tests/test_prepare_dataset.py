@@ -448,3 +448,25 @@ def test_a_mount_point_as_the_output_is_refused_before_decoding(tmp_path, monkey
 
     with pytest.raises(FileExistsError, match=r"is a mount point.*inside it instead, e\.g\. .*volume/dataset"):
         _prepare(tmp_path / "in", tmp_path / "volume", "--prompt", PROMPT)
+
+
+def test_every_staged_output_names_a_disk_that_refuses_a_write(tmp_path):
+    """staged_folder is where prepare, embed and prior preservation's class embedding write: a disk that refuses
+    a write inside it (pyarrow wraps the OSError in its own error) is one line naming the output, and the
+    previous folder is kept. Before, only the callers that wrapped it themselves said so."""
+    import errno
+    import re
+
+    from cosmos_t2i.atomic import staged_folder
+    from cosmos_t2i.user_errors import OutputFailed
+
+    target = tmp_path / "embedded"
+    target.mkdir()
+    (target / "old.txt").write_text("previous")
+    with pytest.raises(OutputFailed, match=rf"Writing the class embedding {re.escape(str(target))} failed \(No space"):
+        with staged_folder(target, what="the class embedding"):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as error:
+                raise RuntimeError("arrow: could not close the file") from error
+    assert [p.name for p in tmp_path.iterdir()] == ["embedded"] and (target / "old.txt").read_text() == "previous"
