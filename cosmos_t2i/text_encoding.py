@@ -13,8 +13,8 @@ from . import memory, models
 
 MAX_LENGTH = 512
 # A prompt and its negative at once. t5-11b's activations are ~0.5 GiB per 512-token prompt: 8 at once peaked at
-# 13.0 GiB on an H200 (9.1 of it weights), past a 12 GiB card; two keep the phase near 10 GiB, and encoding is
-# milliseconds against seconds of sampling.
+# 13.0 GiB on an H200 (9.1 of it weights), past a 12 GiB card; two at a time peaked at 10.3 GiB (BENCHMARKS.md,
+# "Low memory"). The time this costs was not measured apart.
 PROMPTS_PER_BATCH = 2
 
 
